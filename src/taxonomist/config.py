@@ -1,0 +1,245 @@
+"""The one typed configuration: dataclasses read from YAML, overridden with `--set a.b=value`.
+
+Every run directory holds the resolved config as `config.yaml`; loading it back gives the same object.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from taxonomist.errors import ConfigError
+from taxonomist.taxonomy.core import suggest
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                      #: dataset directory (annotations.csv, taxonomy.csv, images/)
+    image_size: int = 224               #: network input side in pixels
+    taxonomy: str = ""                  #: taxonomy file or `fathomnet2025`; default: ROOT/taxonomy.csv
+    val_fraction: float = 0.15          #: held-out share when annotations.csv has no split column
+    fold: int = -1                      #: with a `fold` column: train on the other folds, validate on this one
+    input: str = "roi"                  #: `roi` (path) or `context` (context_path) for single-stream models
+    num_workers: int = -1               #: DataLoader workers; -1 = chosen for the machine
+    cache: str = ""                     #: folder for the pre-resized uint8 cache; empty = no cache
+    strict: bool = False                #: fail on a corrupt image instead of skipping and listing it
+    resize: str = "stretch"             #: how a non-square image reaches a square input: `stretch` or `pad`
+    grayscale: bool = False             #: convert to grey and repeat over 3 channels (plankton, sonar)
+
+
+@dataclass
+class AugmentConfig:
+    scale: tuple[float, float] = (0.35, 1.0)    #: random-resized-crop area range (small ROIs need low values)
+    ratio: tuple[float, float] = (0.75, 1.333)  #: random-resized-crop aspect range
+    hflip: float = 0.5
+    vflip: float = 0.5                   #: organisms in ROIs and plankton have no "up"
+    rotate90: bool = True                #: random multiples of 90°
+    rotation: float = 15.0               #: extra random rotation, degrees
+    color_jitter: float = 0.2
+    randaugment: str = "rand-m7-mstd0.5" #: timm RandAugment spec; empty = off
+    mixup: float = 0.0                   #: MixUp alpha; 0 = off
+    cutmix: float = 0.0                  #: CutMix alpha; 0 = off
+    crop_pct: float = 0.875              #: eval: resize to image_size / crop_pct, then centre-crop
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0                           #: LoRA rank; 0 = no adapters
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "conv_pw", "conv_pwl"])
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"  #: a timm name, or `module:PACKAGE.PATH:FACTORY`
+    pretrained: str = "auto"             #: `auto` | `none` | PATH to a state dict
+    head: str = "flat"                   #: `flat` | `multirank` | `two_stream`
+    finetune: str = "full"               #: `full` | `linear` (probe) | `last_n` (last N blocks) | `lora`
+    last_n_blocks: int = 2
+    drop_rate: float = 0.2
+    shared_backbone: bool = True         #: two_stream: one backbone for ROI and context, or two
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"                     #: `ce` | `focal` | `soft_labels`
+    label_smoothing: float = 0.1
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.5
+    distance_weight: float = 0.0         #: weight of the expected taxonomic distance term
+    soft_label_temperature: float = 1.0  #: `soft_labels`: target ∝ exp(-D(y, j) / T)
+    class_weights: str = "none"          #: `none` | `inverse` | `effective`
+    effective_beta: float = 0.999
+    rank_weights: dict[str, float] = field(default_factory=dict)  #: multirank: weight per rank (default 1)
+    consistency_weight: float = 0.1      #: multirank: agreement between rank heads
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    head_lr: float = 0.0                 #: 0 = same as lr
+    layer_decay: float = 0.0             #: 0 = off; e.g. 0.75 for layer-wise lr decay
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    scheduler: str = "cosine"            #: `cosine` | `plateau` | `constant`
+    grad_clip: float = 1.0               #: 0 = off
+    accumulate: int = 1                  #: gradient accumulation steps
+    amp: bool = True                     #: bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False                #: torch.compile the model
+    channels_last: bool = True
+    ema: bool = False
+    ema_decay: float = 0.999
+    patience: int = 0                    #: early stopping after N epochs without improvement; 0 = off
+    monitor: str = "val_mhd"             #: `val_mhd` | `val_loss` | `val_macro_f1`
+    save_every: int = 0                  #: also keep epoch_N checkpoints every N epochs; 0 = best and last only
+    device: str = "auto"                 #: `auto` (cuda → mps → cpu) | `cpu` | `cuda` | `mps`
+    seed: int = 0
+    max_steps: int = 0                   #: stop after N optimizer steps (smoke tests); 0 = no limit
+    log_every: int = 10
+    tensorboard: bool = True
+    wandb: str = ""                      #: wandb project name; empty = off
+
+
+@dataclass
+class DecideConfig:
+    metric: str = "auto"                 #: distance metric: `auto` | `fathomnet2025` | `lca`
+    decision: str = "argmax"             #: `argmax` | `min-risk` | `backoff` | `selective`
+    candidates: str = ""                 #: empty = training labels; `all`; `fathomnet2025`; or a file
+    thresholds: dict[str, float] = field(default_factory=lambda: {
+        "species": 0.55, "genus": 0.60, "family": 0.65, "order": 0.70,
+        "class": 0.75, "phylum": 0.80, "kingdom": 0.85})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decide: DecideConfig = field(default_factory=DecideConfig)
+    out: str = "runs/run"                #: run directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, with an error naming the key."""
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            args = typing.get_args(hint)
+            if len(items) != len(args):
+                raise ValueError
+            return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+        if origin is list:
+            (arg,) = typing.get_args(hint)
+            items = [v for v in value.split(",") if v] if isinstance(value, str) else list(value or [])
+            return [_coerce(v, arg, key) for v in items]
+        if origin is dict:
+            if isinstance(value, str):  # "species=0.5,genus=0.6"
+                value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
+            _, val_t = typing.get_args(hint)
+            return {str(k): _coerce(v, val_t, key) for k, v in dict(value or {}).items()}
+    except (ValueError, TypeError):
+        raise ConfigError(f"config key {key}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        dotted = prefix + key
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}{suggest(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} is a section; give it keys, e.g. {dotted}.<key>=…")
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-3", "model.head=flat"]` → nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set train.epochs=3")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part!r} is set twice")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults ← `base` ← YAML file ← `--set` overrides."""
+    cfg = Config()
+    if base:
+        _apply(cfg, base)
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, …)")
+        _apply(cfg, data)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    return cfg
