@@ -5,6 +5,7 @@ Every run directory holds the resolved config as `config.yaml`; loading it back 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class ModelConfig:
     last_n_blocks: int = 2
     drop_rate: float = 0.2
     shared_backbone: bool = True         #: two_stream: one backbone for ROI and context, or two
+    fusion_temperature: float = 1.0      #: two_stream: stream weight ∝ exp(-entropy / T)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -145,87 +147,158 @@ def _plain(value):
     return value
 
 
+def _split_items(value: str) -> list[Any]:
+    """`"0.2,1.0"` → ["0.2", "1.0"]; `"[0.2, 1.0]"` (YAML flow syntax) → [0.2, 1.0]."""
+    text = value.strip()
+    if text[:1] in "[(":
+        parsed = yaml.safe_load("[" + text[1:-1] + "]") if text[-1:] in ")]" else None
+        if not isinstance(parsed, list):
+            raise ValueError
+        return parsed
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _split_mapping(value: str) -> dict[Any, Any]:
+    """`"species=0.5,genus=0.6"` or `"{species: 0.5}"` → a dict."""
+    text = value.strip()
+    if text.startswith("{"):
+        parsed = yaml.safe_load(text)
+        if not isinstance(parsed, dict):
+            raise ValueError
+        return parsed
+    pairs = [kv.split("=", 1) for kv in text.split(",") if kv.strip()]
+    if any(len(kv) != 2 for kv in pairs):
+        raise ValueError
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field's type, with an error naming the key."""
+    """Convert a YAML value or a raw `--set` string to the field's type, with an error naming the key.
+
+    `--set` values arrive as the exact text the user typed, so a `str` field keeps "0.10" or "on"
+    verbatim instead of YAML's 0.1 and True.
+    """
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
     try:
+        if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):
+            if type(None) in args and (value is None or (isinstance(value, str) and
+                                                          value.strip().lower() in ("", "null", "none", "~"))):
+                return None
+            for inner in (a for a in args if a is not type(None)):  # the first type that reads the value
+                try:
+                    return _coerce(value, inner, key)
+                except ConfigError:
+                    continue
+            raise ValueError
         if hint is bool:
             if isinstance(value, str):
-                low = value.lower()
+                low = value.strip().lower()
                 if low in ("1", "true", "yes", "on"):
                     return True
                 if low in ("0", "false", "no", "off"):
                     return False
                 raise ValueError
-            return bool(value)
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
         if hint is int:
+            if isinstance(value, bool):  # True is an int in Python, never a count
+                raise ValueError
+            if isinstance(value, str):
+                text = value.strip()
+                try:
+                    return int(text)
+                except ValueError:
+                    value = float(text)  # "1e3", "3.0"
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if hint is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value.strip() if isinstance(value, str) else value)
         if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
             return "" if value is None else str(value)
         if origin is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            args = typing.get_args(hint)
+            items = _split_items(value) if isinstance(value, str) else list(value)
             if len(items) != len(args):
                 raise ValueError
             return tuple(_coerce(v, a, key) for v, a in zip(items, args))
         if origin is list:
-            (arg,) = typing.get_args(hint)
-            items = [v for v in value.split(",") if v] if isinstance(value, str) else list(value or [])
+            (arg,) = args
+            items = _split_items(value) if isinstance(value, str) else list(value or [])
             return [_coerce(v, arg, key) for v in items]
         if origin is dict:
-            if isinstance(value, str):  # "species=0.5,genus=0.6"
-                value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
-            _, val_t = typing.get_args(hint)
-            return {str(k): _coerce(v, val_t, key) for k, v in dict(value or {}).items()}
-    except (ValueError, TypeError):
-        raise ConfigError(f"config key {key}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+            mapping = _split_mapping(value) if isinstance(value, str) else dict(value or {})
+            _, val_t = args
+            return {str(k): _coerce(v, val_t, key) for k, v in mapping.items()}
+    except (ValueError, TypeError, yaml.YAMLError):
+        raise ConfigError(f"config key {key}: cannot read {value!r} as "
+                          f"{getattr(hint, '__name__', None) or hint}") from None
+    if isinstance(value, str):  # a field of another type (Any, Literal, …): read the text as YAML
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
     return value
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set the fields of dataclass `obj` from a nested dict; a mapping updates a dict field key by key."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
-        dotted = prefix + key
+        dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}{suggest(key, names)}")
+            raise ConfigError(f"unknown config key {dotted!r}{suggest(dotted, [prefix + n for n in names])}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            if value is None:  # `data:` with nothing below it in YAML
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {dotted!r} is a section; give it keys, e.g. {dotted}.<key>=…")
             _apply(current, value, dotted + ".")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], dotted))
+            continue
+        new = _coerce(value, hints[key], dotted)
+        if isinstance(current, dict) and isinstance(new, dict):
+            # `--set decide.thresholds.species=0.5` changes one rank and keeps the others
+            new = {**current, **new}
+        setattr(obj, key, new)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["train.lr=1e-3", "model.head=flat"]` → nested dict; values parsed as YAML scalars."""
+    """`["train.lr=1e-3", "model.head=flat"]` → `{"train": {"lr": "1e-3"}, "model": {"head": "flat"}}`.
+
+    Values stay the text given; `_apply` converts each to its field's type (int, float, bool, tuple …).
+    """
     nested: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
+        if not isinstance(pair, str) or "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set train.epochs=3")
         key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        parts = [p.strip() for p in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"--set {pair!r}: empty key; expected e.g. --set train.epochs=3")
         node = nested
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {pair!r}: {part!r} is set twice")
-        node[parts[-1]] = value
+        node[parts[-1]] = raw
     return nested
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
-    """Defaults ← `base` ← YAML file ← `--set` overrides."""
+    """Defaults ← `base` ← YAML file ← `--set` overrides.
+
+    >>> cfg = load_config(overrides=["train.epochs=3", "augment.scale=0.2,1.0", "decide.thresholds.species=0.5"])
+    >>> cfg.train.epochs, cfg.augment.scale, cfg.decide.thresholds["species"], cfg.decide.thresholds["genus"]
+    (3, (0.2, 1.0), 0.5, 0.6)
+    """
     cfg = Config()
     if base:
         _apply(cfg, base)
@@ -233,8 +306,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
+        if not path.is_file():
+            raise ConfigError(f"{path}: is not a file, expected a YAML config")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

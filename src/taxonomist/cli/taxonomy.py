@@ -120,7 +120,7 @@ def run_distances(args) -> int:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["concept_name", *nodes])
     for name, row in zip(nodes, D):
-        w.writerow([name, *(f"{v:g}" for v in row)])
+        w.writerow([name, *(f"{v:.10g}" for v in row)])
     atomic_write_text(args.out, buf.getvalue())
     print(f"wrote {args.out}: {len(nodes)}×{len(nodes)} {args.metric} distances (max {D.max():g})")
     return 0

@@ -85,16 +85,29 @@ class Taxonomy:
         for lab in self.labels:
             if lab not in index:
                 raise UnknownLabelError(f"label {lab!r} is not a node of the taxonomy{suggest(lab, self.names)}")
+        if len(set(self.labels)) != len(self.labels):
+            dup = sorted({lab for lab in self.labels if self.labels.count(lab) > 1})
+            raise TaxonomyError(f"duplicate labels: {', '.join(dup[:5])}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_parents(cls, parent_of: dict[str, str | None], labels: Sequence[str] | None = None,
                      ranks: dict[str, str | None] | None = None, source_format: str = "parents") -> "Taxonomy":
-        """Build from `{name: parent or None}`; checks unknown parents and cycles.
+        """Build from `{name: parent or None}`; checks unknown parents, cycles and the order of ranks.
 
-        `labels` defaults to the leaves.
+        `labels` defaults to the leaves. `ranks` gives a rank (or None) per node; ranks must get finer
+        down every lineage (a family cannot sit below a genus).
+
+        >>> tax = Taxonomy.from_parents({"Animalia": None, "Porifera": "Animalia", "Sponge X": "Porifera"},
+        ...                             labels=["Porifera", "Sponge X"], ranks={"Animalia": "kingdom"})
+        >>> tax.ancestors("Sponge X"), tax.rank("Animalia"), tax.rank("Porifera")
+        (['Animalia', 'Porifera'], 'kingdom', None)
         """
+        if not isinstance(parent_of, dict):
+            raise TaxonomyError(f"parent_of must be a dict {{name: parent or None}}, got {type(parent_of).__name__}")
         for name, parent in parent_of.items():
+            if not isinstance(name, str) or not name:
+                raise TaxonomyError(f"node names must be non-empty strings, got {name!r}")
             if parent is not None and parent not in parent_of:
                 raise TaxonomyError(f"node {name!r} has unknown parent {parent!r}{suggest(parent, parent_of)}")
             if parent == name:
@@ -120,6 +133,15 @@ class Taxonomy:
         for n, r in rank_of.items():
             if r is not None and r not in RANK_INDEX:
                 raise TaxonomyError(f"node {n!r} has unknown rank {r!r}; ranks are {', '.join(RANKS)}")
+        ranked_above: dict[str, str | None] = {}  # nearest ranked ancestor-or-self, filled parents first
+        for n in order:
+            p = parent_of[n]
+            above = ranked_above[p] if p is not None else None
+            r = rank_of.get(n)
+            if r is not None and above is not None and RANK_INDEX[rank_of[above]] >= RANK_INDEX[r]:
+                raise TaxonomyError(f"node {n!r} ({r}) sits below {above!r} ({rank_of[above]}); "
+                                    f"ranks must get finer down a lineage: {', '.join(RANKS)}")
+            ranked_above[n] = n if r is not None else above
         if labels is None:
             has_child = set(parent_of[n] for n in order if parent_of[n] is not None)
             labels = [n for n in order if n not in has_child]

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from taxonomist.errors import TaxonomyError
-from taxonomist.taxonomy.core import RANKS, Taxonomy
+from taxonomist.taxonomy.core import RANKS, Taxonomy, suggest
 
 METRICS = ("fathomnet2025", "lca")
 
@@ -54,8 +54,8 @@ def lca_distance(taxonomy: Taxonomy, rows: Sequence[str] | None = None, cols: Se
     """Tree distance: the (weighted) number of edges from each node up to their lowest common ancestor.
 
     Roots hang under one virtual root, so nodes of different trees are joined there. With `rank_weights`,
-    an edge costs the weight of its lower node's rank (`default_weight` for unranked nodes), e.g.
-    `{"species": 0.5}` makes sibling species closer than sibling genera.
+    an edge costs the weight of its lower node's rank (`default_weight` for a node with no rank or a rank
+    not in `rank_weights`), e.g. `{"species": 0.5}` makes sibling species closer than sibling genera.
 
     >>> tax = Taxonomy.from_parents({"A": None, "B": "A", "C": "A", "D": "B"})
     >>> lca_distance(tax, ["D"], ["C", "B", "D"]).tolist()
@@ -64,10 +64,13 @@ def lca_distance(taxonomy: Taxonomy, rows: Sequence[str] | None = None, cols: Se
     rows = list(taxonomy.labels if rows is None else rows)
     cols = list(taxonomy.labels if cols is None else cols)
     ri, ci = taxonomy.indices(rows), taxonomy.indices(cols)
-    weights = rank_weights or {}
-    for r in weights:
-        if r not in RANKS:
-            raise TaxonomyError(f"unknown rank {r!r} in rank weights; ranks are {', '.join(RANKS)}")
+    weights = dict(rank_weights or {})
+    for r, w in {**weights, "default": default_weight}.items():
+        if r != "default" and r not in RANKS:
+            raise TaxonomyError(f"unknown rank {r!r} in rank weights{suggest(str(r), RANKS)}; "
+                                f"ranks are {', '.join(RANKS)}")
+        if not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+            raise TaxonomyError(f"rank weight of {r!r} must be a finite number >= 0, got {w!r}")
     edge = np.array([weights.get(r, default_weight) if r else default_weight for r in taxonomy.ranks])
     anc = taxonomy.ancestor_table()  # (N, D): ancestor at each depth, -1 below the node
     # weight of the path root→node at each depth: cumulative sum of edge weights along the lineage
@@ -89,10 +92,20 @@ def lca_distance(taxonomy: Taxonomy, rows: Sequence[str] | None = None, cols: Se
 
 def distance_matrix(taxonomy: Taxonomy, metric: str = "lca", rows: Sequence[str] | None = None,
                     cols: Sequence[str] | None = None, **kwargs) -> np.ndarray:
-    """Distances by metric name (`fathomnet2025` or `lca`); rows are truths, columns predictions."""
+    """Distances by metric name (`fathomnet2025` or `lca`); rows are truths, columns predictions.
+
+    Rows and columns default to the taxonomy's labels; extra keyword arguments go to the metric
+    (`rank_weights`, `default_weight` for `lca`).
+
+    >>> tax = Taxonomy.from_parents({"Fish": None, "Cod": "Fish", "Hake": "Fish"})
+    >>> distance_matrix(tax, "lca").tolist()
+    [[0.0, 2.0], [2.0, 0.0]]
+    """
     if metric == "fathomnet2025":
         if not taxonomy.has_ranks:
             raise TaxonomyError("the fathomnet2025 metric needs a taxonomy with Linnaean ranks; use --metric lca")
+        if kwargs:
+            raise TaxonomyError(f"the fathomnet2025 metric takes no options, got {', '.join(kwargs)}")
         return fathomnet2025_distance(taxonomy, rows, cols)
     if metric == "lca":
         return lca_distance(taxonomy, rows, cols, **kwargs)

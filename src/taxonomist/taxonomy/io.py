@@ -19,6 +19,12 @@ BUILTIN = ("fathomnet2025",)
 
 def read_csv_rows(path: str | Path, what: str = "CSV") -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows of a UTF-8 CSV (a BOM is tolerated); one-line errors for the usual mistakes."""
+    header, rows, _ = _read_csv(path, what)
+    return header, rows
+
+
+def _read_csv(path: str | Path, what: str) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """`read_csv_rows` plus each row's line number in the file (blank lines are skipped but counted)."""
     path = Path(path)
     if not path.exists():
         raise TaxonomyError(f"{path}: {what} file not found")
@@ -34,21 +40,32 @@ def read_csv_rows(path: str | Path, what: str = "CSV") -> tuple[list[str], list[
         raise TaxonomyError(f"{path}: empty file")
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise TaxonomyError(f"{path}: column {repeated[0]!r} appears twice in the header")
     reader.fieldnames = header
-    rows = []
+    rows, lines = [], []
     for row in reader:
         if None in row:
             raise TaxonomyError(f"{path}: row {reader.line_num} has more cells than the header")
         rows.append({k: (v or "").strip() for k, v in row.items()})
-    return header, rows
+        lines.append(reader.line_num)
+    return header, rows, lines
 
 
 def read_taxonomy(path: str | Path) -> Taxonomy:
-    """Load a taxonomy from a CSV file, or the built-in table named `fathomnet2025`."""
+    """Load a taxonomy from a CSV file, or the built-in table named `fathomnet2025`.
+
+    >>> tax = read_taxonomy("fathomnet2025")
+    >>> tax.lineage("Sebastes")
+    ['Animalia', 'Chordata', 'Teleostei', 'Perciformes', 'Sebastidae', 'Sebastes']
+    """
     if str(path) in BUILTIN:
         return builtin_taxonomy(str(path))
-    header, rows = read_csv_rows(path, "taxonomy")
-    return parse_taxonomy(header, rows, str(path))
+    if not Path(path).exists() and suggest(str(path), BUILTIN):  # a misspelled built-in name
+        raise TaxonomyError(f"{path}: taxonomy file not found{suggest(str(path), BUILTIN)}")
+    header, rows, lines = _read_csv(path, "taxonomy")
+    return parse_taxonomy(header, rows, str(path), lines)
 
 
 def builtin_taxonomy(name: str = "fathomnet2025") -> Taxonomy:
@@ -60,14 +77,28 @@ def builtin_taxonomy(name: str = "fathomnet2025") -> Taxonomy:
     return parse_taxonomy(list(reader.fieldnames or []), list(reader), f"<built-in {name}>")
 
 
-def parse_taxonomy(header: list[str], rows: list[dict[str, str]], where: str) -> Taxonomy:
+def parse_taxonomy(header: list[str], rows: list[dict[str, str]], where: str,
+                   lines: list[int] | None = None) -> Taxonomy:
+    """Build a Taxonomy from CSV rows in either layout; errors start with `where` and the row's line.
+
+    `lines` are the rows' line numbers in the file (default: 2, 3, … as when there are no blank lines).
+
+    >>> tax = parse_taxonomy(["concept_name", "parent"], [{"concept_name": "Fish", "parent": ""},
+    ...                      {"concept_name": "Cod", "parent": "Fish"}], "<example>")
+    >>> tax.lineage("Cod")
+    ['Fish', 'Cod']
+    """
+    if lines is None:
+        lines = list(range(2, len(rows) + 2))
+    if len(lines) != len(rows):
+        raise TaxonomyError(f"{where}: {len(rows)} rows but {len(lines)} line numbers")
     if "concept_name" not in header:
         raise TaxonomyError(f"{where}: no 'concept_name' column (header: {','.join(header)})")
     if not rows:
         raise TaxonomyError(f"{where}: no rows below the header")
     if "parent" in header:
-        return _parse_parent_table(header, rows, where)
-    return _parse_rank_table(header, rows, where)
+        return _parse_parent_table(header, rows, where, lines)
+    return _parse_rank_table(header, rows, where, lines)
 
 
 def _check_columns(header: list[str], allowed: list[str], where: str) -> None:
@@ -77,7 +108,7 @@ def _check_columns(header: list[str], allowed: list[str], where: str) -> None:
                                 f"expected {','.join(allowed)}")
 
 
-def _parse_rank_table(header: list[str], rows: list[dict[str, str]], where: str) -> Taxonomy:
+def _parse_rank_table(header: list[str], rows: list[dict[str, str]], where: str, lines: list[int]) -> Taxonomy:
     _check_columns(header, ["concept_name", *RANKS], where)
     present = [r for r in RANKS if r in header]
     if not present:
@@ -86,14 +117,14 @@ def _parse_rank_table(header: list[str], rows: list[dict[str, str]], where: str)
     rank_of: dict[str, str | None] = {}
     first_seen: dict[str, int] = {}
     labels: list[str] = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         name = row["concept_name"]
         if not name:
             raise TaxonomyError(f"{where}: row {line}: empty concept_name")
-        if name in labels:
+        if name in first_seen:
             raise TaxonomyError(f"{where}: row {line}: duplicate concept_name {name!r} (first at row {first_seen[name]})")
         labels.append(name)
-        first_seen.setdefault(name, line)
+        first_seen[name] = line
         chain = [(row.get(r, ""), r) for r in present if row.get(r, "")]
         if not chain:
             raise TaxonomyError(f"{where}: row {line}: {name!r} has no name at any rank")
@@ -113,15 +144,18 @@ def _parse_rank_table(header: list[str], rows: list[dict[str, str]], where: str)
             parent_of[cell] = parent
             rank_of[cell] = rank
             parent = cell
-    return Taxonomy.from_parents(parent_of, labels=labels, ranks=rank_of, source_format="ranks")
+    try:
+        return Taxonomy.from_parents(parent_of, labels=labels, ranks=rank_of, source_format="ranks")
+    except TaxonomyError as e:
+        raise TaxonomyError(f"{where}: {e}") from None
 
 
-def _parse_parent_table(header: list[str], rows: list[dict[str, str]], where: str) -> Taxonomy:
+def _parse_parent_table(header: list[str], rows: list[dict[str, str]], where: str, lines: list[int]) -> Taxonomy:
     _check_columns(header, ["concept_name", "parent", "rank"], where)
     parent_of: dict[str, str | None] = {}
     rank_of: dict[str, str | None] = {}
     line_of: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         name = row["concept_name"]
         if not name:
             raise TaxonomyError(f"{where}: row {line}: empty concept_name")
@@ -130,6 +164,8 @@ def _parse_parent_table(header: list[str], rows: list[dict[str, str]], where: st
         rank = row.get("rank", "") or None
         if rank is not None and rank not in RANK_INDEX:
             raise TaxonomyError(f"{where}: row {line}: unknown rank {rank!r}{suggest(rank, RANKS)}")
+        if row["parent"] == name:
+            raise TaxonomyError(f"{where}: row {line}: {name!r} is its own parent")
         parent_of[name] = row["parent"] or None
         rank_of[name] = rank
         line_of[name] = line

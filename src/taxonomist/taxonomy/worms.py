@@ -67,7 +67,12 @@ class Resolution:
 
 
 def seven_ranks(chain: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Keep the seven Linnaean ranks of a WoRMS chain; sub-ranks and super-ranks are dropped."""
+    """Keep the seven Linnaean ranks of a WoRMS chain; sub-ranks and super-ranks are dropped.
+
+    >>> seven_ranks([("Biota", "Superdomain"), ("Animalia", "Kingdom"), ("Chordata", "Phylum"),
+    ...              ("Tunicata", "Subphylum")])
+    {'kingdom': 'Animalia', 'phylum': 'Chordata'}
+    """
     out: dict[str, str] = {}
     for name, rank in chain:
         key = re.sub(r"\s+", "", (rank or "").lower())
@@ -81,16 +86,31 @@ def resolve_names(names: Iterable[str], client: AncestorClient | None = None, ca
     """Lineages for `names`, from the cache first, then the client (unless `offline`).
 
     Every name ends in `lineages` or in `unresolved` with a reason; nothing is dropped silently. The cache
-    is rewritten atomically after each successful lookup, so an interrupted run keeps what it fetched.
+    (`CACHE_DIR/worms_cache.json`, name → chain) is rewritten atomically after each successful lookup, so
+    an interrupted run keeps what it fetched.
+
+    >>> chains = {"Sebastes": [("Animalia", "Kingdom"), ("Chordata", "Phylum"), ("Actinopteri", "Class"),
+    ...                        ("Perciformes", "Order"), ("Sebastinae", "Subfamily"), ("Sebastes", "Genus")]}
+    >>> def client(name):
+    ...     if name not in chains:
+    ...         raise LookupError(name)
+    ...     return chains[name]
+    >>> res = resolve_names(["Sebastes", "Nessie"], client=client, cache_dir="cache")   # doctest: +SKIP
+    >>> res.lineages["Sebastes"]["genus"], res.unresolved                              # doctest: +SKIP
+    ('Sebastes', {'Nessie': 'not found in WoRMS'})
     """
-    names = [n.strip() for n in names if n and n.strip()]
+    if isinstance(names, str):  # one name, not its characters
+        names = [names]
+    names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
     cache_path = Path(cache_dir or default_cache_dir()) / CACHE_FILE
     cache: dict[str, list[list[str]]] = {}
     if cache_path.exists():
         try:
             cache = json.loads(cache_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TaxonomistError(f"{cache_path}: the WoRMS cache is corrupt; delete it to start again") from None
+            cache = None  # type: ignore[assignment]
+        if not isinstance(cache, dict):
+            raise TaxonomistError(f"{cache_path}: the WoRMS cache is corrupt; delete it to start again")
     client = client or fathomnet_client
     result = Resolution()
     iterator = names
@@ -107,6 +127,11 @@ def resolve_names(names: Iterable[str], client: AncestorClient | None = None, ca
                 continue
             try:
                 chain = [list(pair) for pair in client(name)]
+                if not all(len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in chain):
+                    raise ValueError
+            except (ValueError, TypeError):
+                result.unresolved[name] = "malformed answer from the WoRMS client (expected (name, rank) pairs)"
+                continue
             except LookupError:
                 result.unresolved[name] = "not found in WoRMS"
                 continue

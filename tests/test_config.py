@@ -1,0 +1,137 @@
+"""The typed config: YAML sections, `--set` overrides with type coercion, unknown keys, YAML round trip."""
+from __future__ import annotations
+
+import pytest
+
+from taxonomist.config import Config, load_config, parse_overrides
+from taxonomist.errors import ConfigError
+
+
+def test_defaults_hold_the_contract_keys():
+    cfg = Config()
+    assert (cfg.data.image_size, cfg.model.backbone, cfg.model.pretrained, cfg.model.head) == \
+        (224, "tf_efficientnet_lite0", "auto", "flat")
+    assert (cfg.loss.name, cfg.loss.label_smoothing, cfg.loss.focal_gamma, cfg.loss.focal_alpha) == ("ce", 0.1, 2.0, 0.5)
+    assert (cfg.train.monitor, cfg.train.save_every, cfg.train.device) == ("val_mhd", 0, "auto")
+    assert cfg.augment.color_jitter == 0.2 and cfg.augment.mixup == 0.0 and cfg.augment.cutmix == 0.0
+    assert cfg.decide.thresholds["species"] == 0.55
+
+
+def test_yaml_sections(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  root: data/synth\n  image_size: 96\nmodel:\n  head: multirank\n  lora:\n    r: 8\n"
+                    "train:\n  epochs: 3\n  lr: 3.0e-4\n  amp: false\naugment:\n  scale: [0.2, 1.0]\n"
+                    "loss:\n  rank_weights: {species: 2, genus: 1.5}\nout: runs/x\ndecide:\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.data.root == "data/synth" and cfg.data.image_size == 96
+    assert cfg.model.head == "multirank" and cfg.model.lora.r == 8
+    assert cfg.train.epochs == 3 and cfg.train.lr == 3e-4 and cfg.train.amp is False
+    assert cfg.augment.scale == (0.2, 1.0)
+    assert cfg.loss.rank_weights == {"species": 2.0, "genus": 1.5}
+    assert cfg.out == "runs/x"
+    assert cfg.data.val_fraction == 0.15  # untouched keys keep their defaults
+    assert cfg.decide == Config().decide  # an empty section changes nothing
+
+
+def test_set_overrides_coerce_types(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  epochs: 3\n", encoding="utf-8")
+    cfg = load_config(path, overrides=[
+        "train.epochs=5", "train.lr=1e-3", "train.amp=no", "data.strict=true", "augment.scale=0.1,0.9",
+        "augment.ratio=[0.5, 2]", "model.lora.target_modules=qkv,proj", "loss.rank_weights=species=0.5,genus=2",
+        "decide.thresholds.species=0.4", "data.root=0.10", "out=on", "train.batch_size=1e2", "train.wandb=",
+    ])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.lr == 0.001 and cfg.train.amp is False and cfg.data.strict is True
+    assert cfg.augment.scale == (0.1, 0.9) and cfg.augment.ratio == (0.5, 2.0)
+    assert cfg.model.lora.target_modules == ["qkv", "proj"]
+    assert cfg.loss.rank_weights == {"species": 0.5, "genus": 2.0}
+    # one threshold changes, the other ranks keep their defaults
+    assert cfg.decide.thresholds == {**Config().decide.thresholds, "species": 0.4}
+    # a text field keeps exactly what was typed (YAML would read 0.1 and True)
+    assert cfg.data.root == "0.10" and cfg.out == "on"
+    assert cfg.train.batch_size == 100 and cfg.train.wandb == ""
+
+
+def test_later_sources_win():
+    cfg = load_config(base={"train": {"epochs": 7, "seed": 3}}, overrides=["train.epochs=2"])
+    assert (cfg.train.epochs, cfg.train.seed) == (2, 3)
+
+
+def test_parse_overrides_nests_dotted_keys():
+    assert parse_overrides(["train.lr=1e-3", "model.lora.r=4", "out=runs/a=b"]) == \
+        {"train": {"lr": "1e-3"}, "model": {"lora": {"r": "4"}}, "out": "runs/a=b"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trian.epochs=3", "unknown config key 'trian' (did you mean 'train'?)"),
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'"),
+    ("model.lora.rank=4", "unknown config key 'model.lora.rank'"),
+    ("train.epochs=three", "config key train.epochs: cannot read 'three' as int"),
+    ("train.epochs=2.5", "config key train.epochs: cannot read 2.5 as int"),
+    ("train.epochs=yes", "config key train.epochs: cannot read 'yes' as int"),
+    ("train.lr=fast", "config key train.lr: cannot read 'fast' as float"),
+    ("train.amp=maybe", "config key train.amp: cannot read 'maybe' as bool"),
+    ("augment.scale=0.1,0.5,0.9", "config key augment.scale: cannot read '0.1,0.5,0.9' as tuple"),
+    ("loss.rank_weights=species", "config key loss.rank_weights: cannot read 'species' as dict"),
+    ("train=3", "config key 'train' is a section; give it keys, e.g. train.<key>=…"),
+    ("epochs", "--set 'epochs': expected key=value, e.g. --set train.epochs=3"),
+    ("train..lr=1", "--set 'train..lr=1': empty key"),
+])
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [epochs\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(bad)
+    bad.write_bytes("data:\n  root: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="bad.yaml: not UTF-8 text"):
+        load_config(bad)
+    bad.write_text("train:\n  epochz: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochz' \\(did you mean 'train.epochs'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(overrides=["train.epochs=4", "augment.scale=0.3,0.9", "loss.rank_weights=species=0.5",
+                                 "model.lora.target_modules=qkv", "data.root=0.10", "decide.thresholds.genus=0.5"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml(), encoding="utf-8")
+    again = load_config(path)
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+    assert load_config(path).to_yaml() == cfg.to_yaml()
+    assert "  scale:\n  - 0.3\n  - 0.9\n" in cfg.to_yaml()  # tuples are written as plain YAML lists
+    assert "  root: '0.10'\n" in cfg.to_yaml()               # quoted, so it reads back as text
+
+
+def test_optional_fields_of_other_sections():
+    """Sections added later may hold `X | None` fields; `--set` text reads as None or as X."""
+    from dataclasses import dataclass
+
+    from taxonomist.config import _apply
+
+    @dataclass
+    class Section:
+        limit: int | None = None
+        name: str = "x"
+
+    section = Section()
+    _apply(section, {"limit": "12"})
+    assert section.limit == 12
+    _apply(section, {"limit": "null"})
+    assert section.limit is None
+    with pytest.raises(ConfigError, match="config key limit: cannot read 'many'"):
+        _apply(section, {"limit": "many"})
