@@ -1,0 +1,198 @@
+"""Backbones: images (B, 3, H, W) → pooled features (B, F), from timm, a user factory, or `scratch_cnn`.
+
+`create_backbone` is the one door; it also loads pretrained weights (`auto`, `none` or a file).
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from taxonomist.errors import ModelError
+from taxonomist.models import pretrained as weights
+from taxonomist.taxonomy.core import suggest
+
+SCRATCH = "scratch_cnn"
+MODULE_PREFIX = "module:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and what a model needs to know about it.
+
+    `source` says where the weights came from: `none`, `timm`, `lite0-offline`, `factory` or `file:PATH`.
+    """
+
+    module: nn.Module
+    name: str
+    num_features: int
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    kind: str = "timm"               #: `timm` | `module` | `scratch`
+    source: str = "none"
+
+
+def create_backbone(name: str, image_size: int, pretrained: str = "none") -> Backbone:
+    """Build the backbone `name` for square inputs of `image_size` pixels and load its weights.
+
+    `name` is a timm model name (optionally with a pretrained tag, `convnext_tiny.fb_in22k`), `scratch_cnn`,
+    or `module:PACKAGE.PATH:FACTORY`. The factory protocol: `FACTORY()` takes no arguments and returns an
+    `nn.Module` that maps float images (B, 3, H, W) to features (B, F). Optional attributes on it:
+    `num_features` (else F is inferred from one forward pass on zeros), `preprocessing` (a dict with
+    `mean`, `std`, `interpolation`; else ImageNet statistics, bilinear) and `blocks` (a sequence of its
+    stages in forward order, needed for `finetune=last_n` and layer-wise lr decay).
+
+    `pretrained`: `none`; `auto` (timm's weights; for `tf_efficientnet_lite0` the offline weights when the
+    download fails; a factory or `scratch_cnn` keeps its own initialisation); or a path to a state dict.
+
+    >>> bb = create_backbone("test_efficientnet", image_size=32)
+    >>> bb.num_features, bb.preprocessing["input_size"]
+    (256, 32)
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError("model.backbone is empty; give a timm name (e.g. tf_efficientnet_lite0), "
+                         f"{SCRATCH} or {MODULE_PREFIX}PACKAGE.PATH:FACTORY")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+        raise ModelError(f"image size must be an integer of at least 8 pixels, got {image_size!r}")
+    pretrained = (pretrained or "none").strip()
+    path = None
+    if pretrained not in ("auto", "none"):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model.pretrained={pretrained}: no such weights file "
+                             "(expected auto, none or the path of a .safetensors/.pth/.pt file)")
+
+    name = name.strip()
+    if name == SCRATCH:
+        from taxonomist.models.scratch import scratch_cnn
+        module = scratch_cnn()
+        bb = Backbone(module, name, module.num_features, dict(module.preprocessing), "scratch")
+    elif name.startswith(MODULE_PREFIX):
+        bb = _factory_backbone(name, image_size)
+    else:
+        bb = _timm_backbone(name, image_size, auto=pretrained == "auto")
+    if path is not None:
+        weights.load_weights_file(bb.module, path, name)
+        bb.source = f"file:{path}"
+    bb.preprocessing["input_size"] = image_size
+    return bb
+
+
+def _timm_backbone(name: str, image_size: int, auto: bool) -> Backbone:
+    import timm
+    if not timm.is_model(name):
+        raise ModelError(f"unknown backbone {name!r}{timm_suggestion(name)}; "
+                         f"see timm.list_models('*{name.split('.')[0][:8]}*'), or use {SCRATCH} or "
+                         f"{MODULE_PREFIX}PACKAGE.PATH:FACTORY")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # the architecture exists but not this pretrained tag
+        arch = name.split(".")[0]
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise ModelError(f"unknown pretrained tag in backbone {name!r}; {arch} has "
+                         f"{', '.join(tags[:5]) or 'no pretrained tags'}{' …' if len(tags) > 5 else ''}") from None
+    if cfg is not None and cfg.fixed_input_size:
+        # ViT-style models build their position embeddings for one input size; timm resamples pretrained ones.
+        kwargs["img_size"] = image_size
+    preprocessing = None
+    if auto:
+        module, source, preprocessing = weights.create_timm_auto(name, **kwargs)
+    else:
+        module, source = timm.create_model(name, pretrained=False, **kwargs), "none"
+    pcfg = getattr(module, "pretrained_cfg", None) or {}
+    if preprocessing is None:
+        preprocessing = {"mean": tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN)),
+                         "std": tuple(float(v) for v in pcfg.get("std", IMAGENET_STD)),
+                         "interpolation": "bicubic" if pcfg.get("interpolation") == "bicubic" else "bilinear"}
+    return Backbone(module, name, int(module.num_features), dict(preprocessing), "timm", source)
+
+
+def timm_suggestion(name: str) -> str:
+    """` (did you mean 'x'?)` from timm's registry: close spellings first, then names containing `name`."""
+    import timm
+    arch = name.split(".")[0]
+    hint = suggest(arch, timm.list_models())
+    if hint:
+        return hint
+    close = fnmatch.filter(timm.list_models(), f"*{arch.lower()}*")[:3]
+    return (" (did you mean " + " or ".join(repr(c) for c in close) + "?)") if close else ""
+
+
+def _factory_backbone(name: str, image_size: int) -> Backbone:
+    spec = name[len(MODULE_PREFIX):]
+    module_path, _, factory_name = spec.rpartition(":")
+    if not module_path or not factory_name:
+        raise ModelError(f"model.backbone={name!r}: expected {MODULE_PREFIX}PACKAGE.PATH:FACTORY")
+    try:
+        package = importlib.import_module(module_path)
+    except ImportError as e:
+        raise ModelError(f"model.backbone={name!r}: cannot import {module_path!r} ({e})") from None
+    factory = getattr(package, factory_name, None)
+    if not callable(factory):
+        raise ModelError(f"model.backbone={name!r}: {module_path} has no callable {factory_name!r}"
+                         f"{suggest(factory_name, [n for n in dir(package) if not n.startswith('_')])}")
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model.backbone={name!r}: {factory_name}() returned {type(module).__name__}, "
+                         "not a torch.nn.Module")
+    num_features = getattr(module, "num_features", None)
+    if num_features is None:
+        num_features = _infer_num_features(module, image_size, name)
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ModelError(f"model.backbone={name!r}: num_features must be a positive int, got {num_features!r}")
+    pre = dict(getattr(module, "preprocessing", None) or {})
+    preprocessing = {"mean": tuple(float(v) for v in pre.get("mean", IMAGENET_MEAN)),
+                     "std": tuple(float(v) for v in pre.get("std", IMAGENET_STD)),
+                     "interpolation": pre.get("interpolation", "bilinear")}
+    return Backbone(module, name, num_features, preprocessing, "module", "factory")
+
+
+def _infer_num_features(module: nn.Module, image_size: int, name: str) -> int:
+    was_training = module.training
+    module.eval()  # no BatchNorm statistics update from the probe
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:
+        raise ModelError(f"model.backbone={name!r}: a forward pass on a (1, 3, {image_size}, {image_size}) "
+                         f"image failed ({type(e).__name__}: {e})") from None
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model.backbone={name!r}: the factory's module must return features (B, F), got {shape}")
+    return int(out.shape[1])
+
+
+def backbone_blocks(module: nn.Module, name: str = "backbone") -> list[nn.Module]:
+    """The backbone's blocks in forward order, the units of `finetune=last_n` and layer-wise lr decay.
+
+    Found by attribute, as timm names them: `blocks` (EfficientNet: its stages `blocks.i`; ViT: each
+    transformer block), `stages` (ConvNeXt, many CNNs), `layers` (Swin), `layer1…layerN` (ResNet), or a
+    torchvision-style `features` Sequential. A `module:` backbone should expose `blocks`.
+
+    >>> import timm
+    >>> len(backbone_blocks(timm.create_model("test_convnext", num_classes=0)))
+    4
+    """
+    for attr in ("blocks", "stages", "layers"):
+        seq = getattr(module, attr, None)
+        if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq):
+            return list(seq)
+    numbered = []
+    while isinstance(getattr(module, f"layer{len(numbered) + 1}", None), nn.Module):
+        numbered.append(getattr(module, f"layer{len(numbered) + 1}"))
+    if numbered:
+        return numbered
+    features = getattr(module, "features", None)
+    if isinstance(features, nn.Sequential) and len(features):
+        return list(features)
+    raise ModelError(f"cannot find the blocks of backbone {name} (no blocks, stages, layers, layer1… or features "
+                     "attribute); last_n fine-tuning and layer-wise lr decay need them")
