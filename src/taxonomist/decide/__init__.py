@@ -1,0 +1,38 @@
+"""Decisions: from a model's logits/probabilities to answers — calibration, rules, ensembles, TTA views, OOD.
+
+Works on numpy arrays only (no torch), so it serves any model's outputs.
+
+>>> import numpy as np
+>>> from taxonomist.taxonomy import Taxonomy, lca_distance
+>>> tax = Taxonomy.from_parents({"R": None, "A": "R", "B": "R", "a1": "A", "a2": "A", "b1": "B", "b2": "B"})
+>>> probs = np.array([[0.4, 0.4, 0.1, 0.1]])
+>>> choice, risk = min_risk_decision(probs, lca_distance(tax, tax.labels, tax.names))
+>>> tax.names[int(choice[0])], round(float(risk[0]), 6)   # the genus beats either 0.4 species
+('A', 1.4)
+"""
+from taxonomist.decide._arrays import log_softmax, softmax
+from taxonomist.decide.calibration import (apply_temperature, check_temperature, expected_calibration_error,
+                                           fit_temperature)
+from taxonomist.decide.candidates import CANDIDATE_KEYWORDS, candidate_mask, candidate_nodes
+from taxonomist.decide.ensemble import (COMBINE_MODES, VIEW_MODES, aggregate_views, combine_probs,
+                                        fit_ensemble_weights)
+from taxonomist.decide.ood import (OOD_METHODS, OOD_SCORERS, EnergyScorer, KNNScorer, MahalanobisScorer,
+                                   MaxLogitScorer, MSPScorer, OODScorer, build_ood_scorer, load_ood_scorer,
+                                   ood_fallback, ood_metrics, threshold_for_tpr, threshold_metrics)
+from taxonomist.decide.rules import (DECISIONS, Decisions, ancestor_operator, argmax_decision, backoff_decision,
+                                     coverage_risk_curve, decide, default_thresholds, expected_distance,
+                                     hierarchical_coverage, min_risk_decision, node_probabilities, node_thresholds,
+                                     selective_decision, undominated_candidates)
+
+__all__ = [
+    "softmax", "log_softmax",
+    "fit_temperature", "apply_temperature", "check_temperature", "expected_calibration_error",
+    "CANDIDATE_KEYWORDS", "candidate_nodes", "candidate_mask",
+    "COMBINE_MODES", "VIEW_MODES", "combine_probs", "fit_ensemble_weights", "aggregate_views",
+    "OOD_METHODS", "OOD_SCORERS", "OODScorer", "MSPScorer", "MaxLogitScorer", "EnergyScorer", "MahalanobisScorer",
+    "KNNScorer", "build_ood_scorer", "load_ood_scorer", "ood_metrics", "threshold_for_tpr", "threshold_metrics",
+    "ood_fallback",
+    "DECISIONS", "Decisions", "decide", "argmax_decision", "min_risk_decision", "expected_distance",
+    "backoff_decision", "selective_decision", "coverage_risk_curve", "hierarchical_coverage", "node_probabilities",
+    "node_thresholds", "default_thresholds", "ancestor_operator", "undominated_candidates",
+]

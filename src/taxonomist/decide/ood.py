@@ -1,0 +1,438 @@
+"""Out-of-distribution scores (higher = more likely an unknown taxon), their metrics and thresholds.
+
+Scorers are fitted on training features/logits and stored as a flat dict of numpy arrays (safetensors-ready).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+from taxonomist.decide._arrays import as_matrix, as_probs, as_targets, as_vector, chunk_rows, softmax
+from taxonomist.decide.candidates import candidate_mask
+from taxonomist.decide.rules import ancestor_operator, _aggregate, _deepest
+from taxonomist.errors import ConfigError, DataError
+from taxonomist.taxonomy import RANKS, Taxonomy, suggest
+from taxonomist.taxonomy.core import RANK_INDEX
+
+
+class OODScorer:
+    """Base class. `fit` on training data, then `score` new examples: higher means more unknown.
+
+    Logit scorers (msp, max-logit, energy) ignore `features`; feature scorers (mahalanobis, knn) ignore
+    `logits`; pass None for what a scorer does not use.
+    """
+
+    method = ""
+    uses_features = False
+    uses_logits = False
+
+    def fit(self, features: np.ndarray | None, logits: np.ndarray | None, targets: np.ndarray) -> "OODScorer":
+        return self
+
+    def score(self, features: np.ndarray | None, logits: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, np.ndarray]) -> "OODScorer":
+        return cls()
+
+    def _logits(self, logits) -> np.ndarray:
+        if logits is None:
+            raise DataError(f"the {self.method} OOD score needs logits, got None")
+        return as_matrix(logits, "logits")
+
+    def _features(self, features, n_dims: int | None = None) -> np.ndarray:
+        if features is None:
+            raise DataError(f"the {self.method} OOD score needs features, got None")
+        return as_matrix(features, "features", n_cols=n_dims)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _state_scalar(state: Mapping[str, np.ndarray], key: str, method: str) -> float:
+    if key not in state:
+        raise DataError(f"the {method} OOD state has no {key!r} entry (keys: {', '.join(sorted(state)) or 'none'})")
+    return float(np.asarray(state[key]).reshape(-1)[0])
+
+
+class MSPScorer(OODScorer):
+    """Maximum softmax probability (Hendrycks & Gimpel 2017): score = −max softmax(logits / T)."""
+
+    method = "msp"
+    uses_logits = True
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = _positive(temperature, "temperature")
+
+    def fit(self, features, logits, targets):
+        # nothing to learn: the score reads each example's own logits; fit only checks the input
+        z = self._logits(logits)
+        if targets is not None:
+            as_targets(targets, len(z), z.shape[1])
+        return self
+
+    def score(self, features, logits):
+        z = self._logits(logits).astype(np.float64, copy=False)
+        return -softmax(z / self.temperature).max(axis=1)
+
+    def state_dict(self):
+        return {"temperature": np.array(self.temperature)}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(_state_scalar(state, "temperature", cls.method))
+
+
+class MaxLogitScorer(MSPScorer):
+    """Maximum logit (Hendrycks et al. 2022): score = −max logit."""
+
+    method = "max-logit"
+
+    def __init__(self):
+        self.temperature = 1.0
+
+    def score(self, features, logits):
+        return -self._logits(logits).astype(np.float64, copy=False).max(axis=1)
+
+    def state_dict(self):
+        return {}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls()
+
+
+class EnergyScorer(MSPScorer):
+    """Energy (Liu et al. 2020): score = E(x) = −T · log Σ_k exp(logit_k / T), T = 1 by default."""
+
+    method = "energy"
+
+    def score(self, features, logits):
+        z = self._logits(logits).astype(np.float64, copy=False) / self.temperature
+        top = z.max(axis=1)
+        return -self.temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
+class MahalanobisScorer(OODScorer):
+    """Mahalanobis distance to the nearest class mean (Lee et al. 2018): one Gaussian per class, shared covariance.
+
+    The covariance is pooled over the classes' centred features; a ridge of `ridge` × its mean eigenvalue keeps
+    the inverse finite when features are collinear (more dimensions than examples, dead units).
+    Score = min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c), computed as a squared Euclidean distance after whitening.
+    """
+
+    method = "mahalanobis"
+    uses_features = True
+
+    def __init__(self, ridge: float = 1e-6):
+        self.ridge = _positive(ridge, "ridge", allow_zero=True)
+        self.whitener: np.ndarray | None = None   # (D, D): Σ⁻¹ = W Wᵀ
+        self.means: np.ndarray | None = None      # (K, D) whitened class means
+        self.classes: np.ndarray | None = None    # (K,) the target values seen in fit
+
+    def fit(self, features, logits, targets):
+        x = self._features(features).astype(np.float64, copy=False)
+        if len(x) < 2:
+            raise DataError(f"features must have at least 2 rows to fit a covariance, got {len(x)}")
+        y = as_vector(targets, "targets", n=len(x), dtype=np.int64)
+        classes, inverse = np.unique(y, return_inverse=True)
+        counts = np.bincount(inverse)
+        means = np.zeros((len(classes), x.shape[1]))
+        np.add.at(means, inverse, x)
+        means /= counts[:, None]
+        centred = x - means[inverse]
+        cov = centred.T @ centred / len(x)
+        eigval, eigvec = np.linalg.eigh(cov)
+        eigval = np.clip(eigval, 0.0, None)
+        eps = max(self.ridge * float(eigval.mean()), np.finfo(np.float64).tiny)
+        self.whitener = eigvec / np.sqrt(eigval + eps)[None, :]
+        self.means = means @ self.whitener
+        self.classes = classes
+        return self
+
+    def score(self, features, logits):
+        if self.whitener is None:
+            raise DataError("the mahalanobis OOD scorer is not fitted; call fit() or load a state dict")
+        x = self._features(features, n_dims=self.whitener.shape[0]).astype(np.float64, copy=False)
+        m_sq = (self.means ** 2).sum(axis=1)
+        out = np.empty(len(x))
+        step = chunk_rows(None, len(self.means))
+        for s in range(0, len(x), step):
+            z = x[s:s + step] @ self.whitener
+            d = (z ** 2).sum(axis=1)[:, None] - 2.0 * z @ self.means.T + m_sq[None, :]
+            out[s:s + step] = np.maximum(d.min(axis=1), 0.0)  # rounding can dip a zero distance below 0
+        return out
+
+    def state_dict(self):
+        if self.whitener is None:
+            raise DataError("the mahalanobis OOD scorer is not fitted; nothing to save")
+        return {"whitener": self.whitener, "means": self.means, "classes": self.classes,
+                "ridge": np.array(self.ridge)}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        scorer = cls(_state_scalar(state, "ridge", cls.method))
+        for key in ("whitener", "means", "classes"):
+            if key not in state:
+                raise DataError(f"the mahalanobis OOD state has no {key!r} entry")
+        scorer.whitener = np.asarray(state["whitener"], dtype=np.float64)
+        scorer.means = np.asarray(state["means"], dtype=np.float64)
+        scorer.classes = np.asarray(state["classes"], dtype=np.int64)
+        return scorer
+
+
+class KNNScorer(OODScorer):
+    """Distance to the k-th nearest training feature (Sun et al. 2022), features L2-normalised.
+
+    On unit vectors the Euclidean distance is sqrt(2 − 2·cos), so this ranks like cosine distance.
+    `max_bank` keeps a seeded random subset of the training features to bound memory (Sun et al. keep
+    a fraction too); None keeps them all.
+    """
+
+    method = "knn"
+    uses_features = True
+
+    def __init__(self, k: int = 10, max_bank: int | None = None, seed: int = 0):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        if max_bank is not None and (isinstance(max_bank, bool) or not isinstance(max_bank, (int, np.integer))
+                                     or max_bank < k):
+            raise ConfigError(f"max_bank must be an integer >= k ({k}) or None, got {max_bank!r}")
+        self.k, self.max_bank, self.seed = int(k), max_bank, seed
+        self.bank: np.ndarray | None = None  # (M, D) float32 unit vectors
+
+    def fit(self, features, logits, targets):
+        x = self._features(features)
+        if len(x) < self.k:
+            raise DataError(f"knn with k={self.k} needs at least {self.k} training features, got {len(x)}")
+        if self.max_bank is not None and len(x) > self.max_bank:
+            keep = np.sort(np.random.default_rng(self.seed).choice(len(x), self.max_bank, replace=False))
+            x = x[keep]
+        self.bank = _unit_rows(x)
+        return self
+
+    def score(self, features, logits):
+        if self.bank is None:
+            raise DataError("the knn OOD scorer is not fitted; call fit() or load a state dict")
+        q = _unit_rows(self._features(features, n_dims=self.bank.shape[1]))
+        out = np.empty(len(q))
+        step = chunk_rows(None, len(self.bank))
+        for s in range(0, len(q), step):
+            sim = q[s:s + step] @ self.bank.T
+            kth = -np.partition(-sim, self.k - 1, axis=1)[:, self.k - 1]  # k-th largest similarity
+            out[s:s + step] = np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
+        return out
+
+    def state_dict(self):
+        if self.bank is None:
+            raise DataError("the knn OOD scorer is not fitted; nothing to save")
+        return {"bank": self.bank, "k": np.array(self.k, dtype=np.int64)}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        if "bank" not in state:
+            raise DataError("the knn OOD state has no 'bank' entry")
+        bank = np.asarray(state["bank"], dtype=np.float32)
+        scorer = cls(int(_state_scalar(state, "k", cls.method)))
+        scorer.bank = bank
+        return scorer
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _positive(value, name: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+#: Scorer classes by the names `predict --ood METHOD` accepts.
+OOD_SCORERS: dict[str, type[OODScorer]] = {
+    "msp": MSPScorer, "max-logit": MaxLogitScorer, "energy": EnergyScorer,
+    "mahalanobis": MahalanobisScorer, "knn": KNNScorer,
+}
+OOD_METHODS = tuple(OOD_SCORERS)
+
+
+def _scorer_class(method: str) -> type[OODScorer]:
+    if method not in OOD_SCORERS:
+        raise ConfigError(f"unknown OOD method {method!r}{suggest(str(method), OOD_METHODS)}; "
+                          f"choose one of {', '.join(OOD_METHODS)}")
+    return OOD_SCORERS[method]
+
+
+def build_ood_scorer(method: str, **options) -> OODScorer:
+    """A new, unfitted scorer: `msp`, `max-logit`, `energy`, `mahalanobis` or `knn` (options: its __init__'s).
+
+    >>> scorer = build_ood_scorer("energy").fit(None, np.array([[2.0, 0.0]]), np.array([0]))
+    >>> scorer.score(None, np.array([[0.0, 0.0], [9.0, 0.0]])).round(3).tolist()
+    [-0.693, -9.0]
+    """
+    try:
+        return _scorer_class(method)(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad options for the {method} OOD score: {e}") from None
+
+
+def load_ood_scorer(method: str, state: Mapping[str, np.ndarray]) -> OODScorer:
+    """The scorer `method` restored from `state_dict()` output (e.g. read back from safetensors)."""
+    if not isinstance(state, Mapping):
+        raise DataError(f"state must be a mapping of arrays, got {type(state).__name__}")
+    return _scorer_class(method).from_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _scores(x, name: str) -> np.ndarray:
+    arr = as_vector(x, name)
+    if len(arr) == 0:
+        raise DataError(f"{name} is empty")
+    return arr
+
+
+def ood_metrics(scores_known: np.ndarray, scores_unknown: np.ndarray) -> dict[str, float]:
+    """AUROC and FPR at 95 % TPR, with unknown as the positive class (higher score = more unknown).
+
+    `auroc`: probability that a random unknown scores above a random known (ties count half).
+    `fpr95`: share of knowns flagged at `threshold_for_tpr(scores_unknown, 0.95)`, the highest threshold
+    that still flags 95 % of the unknowns (flagged = score ≥ threshold).
+
+    >>> ood_metrics(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.35, 0.5, 0.6]))
+    {'auroc': 0.9166666666666666, 'fpr95': 0.25}
+    """
+    known, unknown = _scores(scores_known, "scores_known"), _scores(scores_unknown, "scores_unknown")
+    ranks = rankdata(np.concatenate([known, unknown]))  # average ranks: the Mann–Whitney U with ties
+    u = ranks[len(known):].sum() - len(unknown) * (len(unknown) + 1) / 2
+    auroc = float(u / (len(known) * len(unknown)))
+    t = threshold_for_tpr(unknown, 0.95)
+    return {"auroc": auroc, "fpr95": float((known >= t).mean())}
+
+
+def threshold_for_tpr(scores_unknown: np.ndarray, tpr: float = 0.95) -> float:
+    """The highest threshold t that flags at least `tpr` of the given unknowns (flagged = score ≥ t).
+
+    Fit it on validation unknowns (held-out taxa), then flag test examples with score ≥ t.
+
+    >>> threshold_for_tpr(np.arange(1.0, 21.0), 0.95)  # 19 of 20 flagged
+    2.0
+    """
+    s = np.sort(_scores(scores_unknown, "scores_unknown"))[::-1]
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.floating)) or not 0 < tpr <= 1:
+        raise ConfigError(f"tpr must lie in (0, 1], got {tpr!r}")
+    k = max(1, math.ceil(tpr * len(s) - 1e-9))  # the slack keeps 0.95 × 20 from rounding up to 20
+    return float(s[k - 1])
+
+
+def threshold_metrics(scores_known: np.ndarray, scores_unknown: np.ndarray, threshold: float) -> dict[str, float]:
+    """Detection figures when every example with score ≥ `threshold` is flagged as unknown.
+
+    Keys (metrics.json `ood.{method}.*`): `threshold`; `precision` = flagged unknowns / all flagged (0 when
+    nothing is flagged); `recall` = flagged unknowns / unknowns; `f1`; `known_flagged` = share of knowns
+    flagged (the false-positive rate); `unknown_missed` = share of unknowns not flagged (1 − recall).
+
+    >>> m = threshold_metrics(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.35, 0.5, 0.6]), 0.35)
+    >>> m["precision"], m["recall"], m["known_flagged"], m["unknown_missed"]
+    (0.75, 1.0, 0.25, 0.0)
+    """
+    known, unknown = _scores(scores_known, "scores_known"), _scores(scores_unknown, "scores_unknown")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(threshold):
+        raise ConfigError(f"threshold must be a finite number, got {threshold!r}")
+    tp = int((unknown >= threshold).sum())
+    fp = int((known >= threshold).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / len(unknown)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
+            "known_flagged": fp / len(known), "unknown_missed": 1.0 - recall}
+
+
+# ---------------------------------------------------------------------------------------------- fallback
+def ood_fallback(nodes: np.ndarray, flagged: np.ndarray, taxonomy: Taxonomy, fallback: str | int | float = "order",
+                 probs: np.ndarray | None = None, candidates: Sequence[str] | None = None,
+                 chunk_size: int | None = None) -> np.ndarray:
+    """Replace the answer of each flagged example by a coarse ancestor, so an unknown species is not named.
+
+    For a flagged example answered with node v, the new answer is the deepest node u on v's lineage
+    (v itself included) such that:
+    - `fallback` a rank name (e.g. "order"): u has a Linnaean rank at or above that rank (nodes at no rank
+      are skipped; a lineage without such a rank falls back to its root);
+    - `fallback` an int or "depthN": u's depth ≤ N (roots are depth 0);
+    - `fallback` a float p in [0, 1]: P(u) ≥ p, with P the aggregated probability from `probs` (N, L)
+      (the root is answered when nothing on the lineage reaches p).
+    With `candidates`, u must also be a candidate (a submission may name only those); when no candidate
+    on the lineage qualifies, the answer is kept. Unflagged examples keep their answer.
+
+    Args:
+        nodes: (N,) answers as indices into `taxonomy.names` (e.g. from `decide(...).nodes`).
+        flagged: (N,) booleans, True = judged unknown.
+
+    Returns (N,) node indices.
+
+    >>> tax = Taxonomy.from_parents({"Animalia": None, "Chordata": "Animalia", "Sebastes": "Chordata"},
+    ...                             ranks={"Animalia": "kingdom", "Chordata": "phylum", "Sebastes": "genus"})
+    >>> out = ood_fallback(tax.indices(["Sebastes", "Sebastes"]), np.array([True, False]), tax, "phylum")
+    >>> [tax.names[i] for i in out]
+    ['Chordata', 'Sebastes']
+    """
+    start = as_targets(nodes, len(np.asarray(nodes)), len(taxonomy), name="nodes")
+    flag = np.asarray(flagged)
+    if flag.dtype != bool:
+        raise DataError(f"flagged must be a boolean array, got dtype {flag.dtype}")
+    flag = as_vector(flag, "flagged", n=len(start), dtype=bool)
+    cand = candidate_mask(taxonomy, candidates)
+    lineages = taxonomy.ancestor_table()[start]  # (N, D+1), -1 below each answer
+    safe = np.maximum(lineages, 0)
+    ok_node = None
+    if isinstance(fallback, str) and fallback in RANK_INDEX:
+        if not taxonomy.has_ranks:
+            raise ConfigError(f"fallback {fallback!r} is a rank but the taxonomy has no ranks; use a depth")
+        level = RANK_INDEX[fallback]
+        ok_node = np.array([r is not None and RANK_INDEX[r] <= level for r in taxonomy.ranks])
+    elif isinstance(fallback, (int, np.integer)) and not isinstance(fallback, bool) or \
+            (isinstance(fallback, str) and fallback.startswith("depth") and fallback[5:].isdigit()):
+        depth = int(fallback[5:]) if isinstance(fallback, str) else int(fallback)
+        if depth < 0:
+            raise ConfigError(f"fallback depth must be >= 0, got {depth}")
+        ok_node = taxonomy.depths <= depth
+    elif isinstance(fallback, (float, np.floating)):
+        if not 0.0 <= fallback <= 1.0:
+            raise ConfigError(f"fallback probability must lie in [0, 1], got {fallback:g}")
+        if probs is None:
+            raise ConfigError("a probability fallback needs probs, the (N, L) label probabilities")
+    else:
+        raise ConfigError(f"fallback must be a rank ({', '.join(RANKS)}), a depth or a probability, "
+                          f"got {fallback!r}{suggest(str(fallback), RANKS)}")
+    valid = (lineages >= 0) & cand[safe]
+    if ok_node is not None:
+        ok = valid & ok_node[safe]
+    else:
+        p = as_probs(probs, n_cols=len(taxonomy.labels))
+        if len(p) != len(start):
+            raise DataError(f"probs must have one row per answer ({len(start)}), got {len(p)}")
+        op_t = ancestor_operator(taxonomy).T.tocsr()
+        ok = np.zeros_like(valid)
+        step = chunk_rows(chunk_size, len(taxonomy))
+        for s in range(0, len(p), step):
+            along = np.take_along_axis(_aggregate(p[s:s + step], op_t), safe[s:s + step], axis=1)
+            ok[s:s + step] = valid[s:s + step] & (along >= fallback - 1e-9)
+    depth, found = _deepest(ok)
+    rows = np.arange(len(start))
+    chosen = safe[rows, depth]
+    if candidates is None:
+        # every node may be answered, so a lineage with nothing qualifying falls back to its root
+        chosen = np.where(found, chosen, safe[:, 0])
+    else:
+        chosen = np.where(found, chosen, start)
+    return np.where(flag, chosen, start)
