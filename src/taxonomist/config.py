@@ -103,6 +103,7 @@ class TrainConfig:
     monitor: str = "val_mhd"             #: `val_mhd` | `val_loss` | `val_macro_f1`
     save_every: int = 0                  #: also keep epoch_N checkpoints every N epochs; 0 = best and last only
     device: str = "auto"                 #: `auto` (cuda → mps → cpu) | `cpu` | `cuda` | `mps`
+    threads: int = 0                     #: CPU intra-op threads; 0 = cores not used by loader workers
     seed: int = 0
     max_steps: int = 0                   #: stop after N optimizer steps (smoke tests); 0 = no limit
     log_every: int = 10

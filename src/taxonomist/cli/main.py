@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import warnings
 import sys
 
 from taxonomist import __version__
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:
+        # a warning is one line for a user, like an error
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
