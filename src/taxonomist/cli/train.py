@@ -1,0 +1,62 @@
+"""`taxonomist train`: train a model from a YAML config and `--set` overrides into a run directory."""
+from __future__ import annotations
+
+EXAMPLE = """\
+examples:
+  taxonomist train --set data.root=data/synth --set out=runs/first
+  taxonomist train --config configs/fathomnet.yaml --set train.epochs=30 --set loss.distance_weight=0.5
+  taxonomist train --config configs/fathomnet.yaml --set out=runs/cv --kfold        # one model per fold
+  taxonomist train --set out=runs/first --resume                                    # continue after a crash
+  torchrun --nproc_per_node 4 -m taxonomist.cli.main train --config c.yaml          # several GPUs
+
+Keys (defaults shown by `taxonomist train --print-config`): data.root, data.image_size, model.backbone
+(a timm name or module:PKG.PATH:FACTORY), model.pretrained (auto|none|PATH), model.head
+(flat|multirank|two_stream), model.finetune (full|linear|last_n|lora), loss.name (ce|focal|soft_labels),
+loss.distance_weight, train.epochs, train.batch_size, train.lr, train.device, train.seed, out, …
+The run directory gets config.yaml, taxonomy.csv, checkpoints/, metrics.csv, then (after training)
+metrics.json and predictions.csv from an evaluation of the best checkpoint.
+"""
+
+
+def register(sub, formatter):
+    p = sub.add_parser("train", help="train a model → a run directory",
+                       description="Train a hierarchical classifier.", epilog=EXAMPLE, formatter_class=formatter)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, model, loss, train, …)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last epoch")
+    p.add_argument("--kfold", action="store_true",
+                   help="train one model per value of the dataset's fold column (out/fold_K) and write "
+                        "out-of-fold predictions")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation of the best checkpoint after training")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from taxonomist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    progress = sys.stderr.isatty()
+    if args.kfold:
+        from taxonomist.train.kfold import train_kfold
+        result = train_kfold(cfg, progress=progress, resume=args.resume)
+        print(result.summary())
+        return 0
+    from taxonomist.train import train
+    result = train(cfg, progress=progress, resume=args.resume)
+    import os
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"best {result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run directory: {result.run_dir}")
+    if not args.no_eval:
+        from taxonomist.evaluate.run import evaluate_run
+        ev = evaluate_run(result.run_dir, device=cfg.train.device, batch_size=cfg.train.batch_size,
+                          num_workers=cfg.data.num_workers, progress=progress)
+        print(ev.summary())
+    return 0

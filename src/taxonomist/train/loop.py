@@ -1,0 +1,502 @@
+"""The training loop: one readable function from a Config to a run directory.
+
+AdamW + warmup/cosine (or plateau), gradient accumulation and clipping, bf16 autocast on CUDA, EMA,
+MixUp/CutMix, model selection on validation mean hierarchical distance, early stopping, resumable at
+epoch boundaries, DDP through torchrun (rank 0 writes).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from taxonomist.config import Config
+from taxonomist.data.dataset import Dataset, load_dataset
+from taxonomist.errors import ConfigError, DataError
+from taxonomist.taxonomy import default_metric, distance_matrix, write_taxonomy
+from taxonomist.train.checkpoint import (load_resume_state, save_checkpoint, save_resume_state, taxonomy_to_json)
+from taxonomist.utils.files import atomic_write_text
+
+METRICS_CSV_COLUMNS = ["epoch", "train_loss", "train_top1", "train_macro_f1", "val_loss", "val_top1", "val_mhd",
+                       "val_macro_f1", "lr", "img_s", "seconds"]
+MONITORS = {"val_mhd": "min", "val_loss": "min", "val_macro_f1": "max"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_metric: float
+    monitor: str
+    history: list[dict]
+    skipped_images: list
+
+
+def select_device(name: str = "auto"):
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps but MPS is not available (use auto or cpu)")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown train.device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def configure_threads(threads: int, device, num_workers: int) -> int:
+    """CPU intra-op threads for training: `threads` when set, else the cores the loader workers leave free.
+
+    Oversubscription is costly here: on a 2-core machine with one busy loader worker, two OpenMP threads
+    trained EfficientNet-Lite0 at 3.4 img/s where one thread reached 37 img/s (96 px, batch 32).
+    OMP_NUM_THREADS, when the user set it, wins over the automatic choice.
+    """
+    import torch
+    from taxonomist.data.loading import auto_num_workers
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        workers = auto_num_workers() if num_workers < 0 else num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, cores // world - workers))
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_rows(dataset: Dataset, cfg: Config):
+    """Training and validation rows: the `split` column, a `fold` column with data.fold, or a seeded
+    stratified split of the labelled rows."""
+    frame = dataset.annotations
+    frame = frame[frame["label"] != ""]
+    fold = cfg.data.fold
+    if fold < 0 and "fold" in frame.columns and not ("split" in frame.columns and (frame["split"] == "val").any()):
+        # a K-fold dataset has no val rows: validate on its first fold unless told otherwise
+        values = sorted({int(v) for v in frame["fold"] if v not in ("", "-1")})
+        if values:
+            fold = values[0]
+            warnings.warn(f"{dataset.root}: no val rows; validating on fold {fold} (set data.fold, or train "
+                          "every fold with --kfold)", stacklevel=2)
+    if fold >= 0:
+        cfg = copy.deepcopy(cfg)
+        cfg.data.fold = fold
+        if "fold" not in frame.columns:
+            raise DataError(f"{dataset.root}: data.fold={cfg.data.fold} but annotations.csv has no 'fold' column; "
+                            "run `taxonomist data split --folds K`")
+        in_folds = frame[frame["fold"] != ""]
+        if "split" in frame.columns:
+            in_folds = in_folds[in_folds["split"].isin(["train", "val", ""])]
+        val = in_folds[in_folds["fold"] == str(cfg.data.fold)]
+        if val.empty:
+            raise DataError(f"{dataset.root}: fold {cfg.data.fold} has no rows")
+        return in_folds[in_folds["fold"] != str(cfg.data.fold)], val
+    if "split" in frame.columns and (frame["split"] == "train").any():
+        train, val = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
+        if val.empty:
+            raise DataError(f"{dataset.root}: annotations.csv has a split column but no 'val' rows")
+        return train, val
+    rng = np.random.default_rng(cfg.train.seed)
+    val_idx = []
+    for _, group in frame.groupby("label", sort=True):
+        n_val = int(round(len(group) * cfg.data.val_fraction))
+        if len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        else:
+            n_val = 0
+        val_idx.extend(rng.choice(group.index.to_numpy(), size=n_val, replace=False).tolist())
+    val = frame.loc[sorted(val_idx)]
+    return frame.drop(index=val_idx), val
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _lr_lambda(cfg: Config, steps_per_epoch: int):
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.scheduler == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def train(cfg: Config, progress: bool = True, resume: bool = False, log=print) -> TrainResult:
+    """Train a model as `cfg` says and write the run directory of DESIGN.md (config, taxonomy, checkpoints,
+    metrics.csv). Evaluation files (metrics.json, predictions.csv) are written by `taxonomist.evaluate`."""
+    import torch
+    from torch import nn
+
+    from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms, class_counts
+    from taxonomist.losses import build_loss
+    from taxonomist.models import build_model, model_metadata
+    from taxonomist.train.inference import run_inference
+
+    if cfg.train.monitor not in MONITORS:
+        raise ConfigError(f"train.monitor {cfg.train.monitor!r}: choose one of {', '.join(MONITORS)}")
+    if cfg.train.scheduler not in ("cosine", "plateau", "constant"):
+        raise ConfigError(f"train.scheduler {cfg.train.scheduler!r}: choose cosine, plateau or constant")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.accumulate < 1:
+        raise ConfigError("train.epochs, train.batch_size and train.accumulate must be at least 1")
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set: pass --set data.root=DATASET_DIR (or data: {root: …} in the YAML)")
+
+    world, rank, local_rank = _distributed()
+    is_main = rank == 0
+    device = select_device(cfg.train.device)
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.train.seed + rank)
+    configure_threads(cfg.train.threads, device, cfg.data.num_workers)
+
+    # ---- data and taxonomy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = load_dataset(cfg.data.root, cfg.data.taxonomy or None)
+    for w in caught:
+        if is_main:
+            log(f"warning: {w.message}")
+    if not dataset.labels:
+        raise DataError(f"{dataset.root}: no labelled rows to train on")
+    taxonomy = dataset.taxonomy
+    train_rows, val_rows = split_rows(dataset, cfg)
+    if train_rows.empty or val_rows.empty:
+        raise DataError(f"{dataset.root}: need both training and validation rows "
+                        f"(got {len(train_rows)} train, {len(val_rows)} val)")
+    metric = default_metric(taxonomy) if cfg.decide.metric == "auto" else cfg.decide.metric
+    labels = list(taxonomy.labels)
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    D = distance_matrix(taxonomy, metric, labels, labels)
+
+    run_dir = Path(cfg.out)
+    ckpt_dir = run_dir / "checkpoints"
+    resume_file = ckpt_dir / "last.state.pt"
+    if is_main:
+        if not resume and (ckpt_dir / "last.safetensors").exists():
+            raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        write_taxonomy(taxonomy, run_dir / "taxonomy.csv")
+
+    # ---- model, loss, optimiser
+    model = build_model(cfg.model, taxonomy, cfg.data.image_size)
+    pre = model.preprocessing
+    two_stream = cfg.model.head == "two_stream"
+    if two_stream and "context_path" not in dataset.annotations.columns:
+        raise DataError(f"{dataset.root}: model.head=two_stream needs a context_path column in annotations.csv")
+    train_tf = build_transforms(cfg, True, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
+    eval_tf = build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
+    cache = None
+    if cfg.data.cache:
+        from taxonomist.data.loading import ResizedCache, default_cache_size
+        size = default_cache_size(cfg.data.image_size, cfg.augment.crop_pct)
+        if is_main:  # one process decodes; the others map the finished file
+            ResizedCache.build(dataset, dataset.annotations, cfg.data.cache, size=size, resize=cfg.data.resize,
+                               progress=progress)
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        cache = ResizedCache.open(cfg.data.cache)
+    input_col = "context_path" if (cfg.data.input == "context" and not two_stream) else "path"
+    train_ds = TaxonDataset(dataset, train_rows, train_tf, context_transform=train_tf if two_stream else None,
+                            with_context=two_stream, strict=cfg.data.strict, cache=cache, label_index=label_index,
+                            path_column=input_col)
+    val_ds = TaxonDataset(dataset, val_rows, eval_tf, context_transform=eval_tf if two_stream else None,
+                          with_context=two_stream, strict=cfg.data.strict, cache=cache, label_index=label_index,
+                          path_column=input_col)
+    sampler = None
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                     drop_last=True)
+    train_loader = build_loader(train_ds, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers,
+                                seed=cfg.train.seed, sampler=sampler)
+    val_loader = build_loader(val_ds, cfg.train.batch_size, train=False, num_workers=cfg.data.num_workers,
+                              seed=cfg.train.seed)
+    if len(train_loader) == 0:
+        raise DataError(f"{dataset.root}: {len(train_rows)} training rows make no full batch of "
+                        f"{cfg.train.batch_size}; lower train.batch_size")
+    counts = class_counts(train_rows, label_index)
+    criterion = build_loss(cfg.loss, taxonomy, D, counts).to(device)
+    eval_criterion = criterion
+
+    model.to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    groups = model.param_groups(cfg.train.lr, head_lr=cfg.train.head_lr, layer_decay=cfg.train.layer_decay,
+                                weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    steps_per_epoch = max(1, len(train_loader) // cfg.train.accumulate)
+    if cfg.train.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=MONITORS[cfg.train.monitor],
+                                                               factor=0.5, patience=1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    mixup = None
+    if cfg.augment.mixup > 0 or cfg.augment.cutmix > 0:
+        from timm.data import Mixup
+        mixup = Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix, label_smoothing=0.0,
+                      num_classes=len(labels))
+    train_model = model
+    if cfg.train.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None,
+                                              find_unused_parameters=cfg.model.head != "flat")
+    amp = cfg.train.amp and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else _nullcontext
+
+    # ---- state
+    start_epoch, global_step = 0, 0
+    sign = 1.0 if MONITORS[cfg.train.monitor] == "min" else -1.0
+    best, best_epoch, stale = math.inf, -1, 0
+    history: list[dict] = []
+    if resume:
+        state = load_resume_state(resume_file)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        best, best_epoch, stale, history = state["best"], state["best_epoch"], state["stale"], state["history"]
+        if is_main:
+            log(f"resuming {run_dir} after epoch {state['epoch'] + 1}/{cfg.train.epochs}")
+    tb = _tensorboard(run_dir, cfg) if is_main else None
+    wandb_run = _wandb(cfg) if is_main else None
+    model_meta = model_metadata(model)
+    base_meta = {
+        "labels": labels, "taxonomy": taxonomy_to_json(taxonomy), "taxonomy_hash": taxonomy.hash,
+        "backbone": cfg.model.backbone, "head": cfg.model.head, "image_size": cfg.data.image_size,
+        "preprocessing": pre, "model_config": _model_config_dict(cfg), "metric": metric, "model": model_meta,
+        "data": {"resize": cfg.data.resize, "grayscale": cfg.data.grayscale, "crop_pct": cfg.augment.crop_pct,
+                 "input": input_col},
+        "monitor": cfg.train.monitor,
+    }
+
+    # ---- epochs
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # reseed per epoch so that a resumed run replays exactly the same batches and augmentations
+        seed_everything(cfg.train.seed * 1000 + epoch * 10 + rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        if hasattr(train_loader.generator, "manual_seed") and train_loader.generator is not None:
+            train_loader.generator.manual_seed(cfg.train.seed * 1000 + epoch)
+        train_model.train()
+        t0, seen, loss_sum, preds, targets = time.time(), 0, 0.0, [], []
+        bar = _bar(train_loader, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and is_main)
+        optimizer.zero_grad(set_to_none=True)
+        stop_now = False
+        for step, batch in enumerate(bar):
+            image = batch["image"].to(device, non_blocking=True)
+            target = batch["target"].to(device, non_blocking=True)
+            context = batch["context"].to(device, non_blocking=True) if two_stream else None
+            if cfg.train.channels_last and device.type == "cuda":
+                image = image.contiguous(memory_format=torch.channels_last)
+            hard_target = target
+            if mixup is not None and len(image) % 2 == 0:
+                image, target = mixup(image, target)
+            with autocast():
+                outputs = train_model(image, context) if two_stream else train_model(image)
+                loss, _ = criterion(outputs, target)
+            (loss / cfg.train.accumulate).backward()
+            if (step + 1) % cfg.train.accumulate == 0:
+                if cfg.train.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.train.scheduler != "plateau":
+                    scheduler.step()
+                if ema is not None:
+                    ema.update(model, step=global_step)
+                global_step += 1
+            n = len(image)
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            preds.append(outputs["logits"].detach().argmax(1).cpu())
+            targets.append(hard_target.cpu())
+            if progress and is_main and step % max(1, cfg.train.log_every) == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
+            if cfg.train.max_steps and global_step >= cfg.train.max_steps:
+                stop_now = True
+                break
+        train_seconds = time.time() - t0
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        from sklearn.metrics import f1_score
+        p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+        eval_model = ema.module if ema is not None else model
+        val = run_inference(eval_model, val_loader, device, amp=amp, progress=False, criterion=eval_criterion)
+        vp = val.logits.argmax(1)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1, seen),
+            "train_top1": float((p == t).mean()),
+            "train_macro_f1": float(f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0)),
+            "val_loss": val.loss,
+            "val_top1": float((vp == val.targets).mean()),
+            "val_mhd": float(D[val.targets, vp].mean()),
+            "val_macro_f1": float(f1_score(val.targets, vp, labels=np.unique(val.targets), average="macro",
+                                           zero_division=0)),
+            "lr": optimizer.param_groups[0]["lr"],
+            "img_s": seen * world / max(train_seconds, 1e-9),
+            "seconds": time.time() - t0,
+        }
+        history.append(row)
+        if cfg.train.scheduler == "plateau":
+            scheduler.step(row[cfg.train.monitor])
+        score = sign * row[cfg.train.monitor]
+        improved = score < best
+        if improved:
+            best, best_epoch, stale = score, epoch + 1, 0
+        else:
+            stale += 1
+        if is_main:
+            meta = {**base_meta, "epoch": epoch + 1, "metrics": row}
+            weights = ema.module if ema is not None else model
+            if improved:
+                save_checkpoint(ckpt_dir / "best.safetensors", weights, meta)
+            if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
+                save_checkpoint(ckpt_dir / f"epoch_{epoch + 1}.safetensors", weights, meta)
+            save_checkpoint(ckpt_dir / "last.safetensors", weights, meta)
+            _write_metrics_csv(run_dir / "metrics.csv", history)
+            save_resume_state(resume_file, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch, "global_step": global_step, "best": best, "best_epoch": best_epoch,
+                "stale": stale, "history": history,
+            })
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        tb.add_scalar(k, v, epoch + 1)
+                tb.flush()
+            if wandb_run is not None:
+                wandb_run.log(row)
+            log(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {row['train_loss']:.3f}  "
+                f"val loss {row['val_loss']:.3f}  top-1 {row['val_top1']:.3f}  MHD {row['val_mhd']:.3f}  "
+                f"macro-F1 {row['val_macro_f1']:.3f}  {row['img_s']:.0f} img/s" + ("  *" if improved else ""))
+        if stop_now:
+            break
+        if cfg.train.patience and stale >= cfg.train.patience:
+            if is_main:
+                log(f"early stopping: {cfg.train.monitor} did not improve for {stale} epochs")
+            break
+    for loader in (train_loader, val_loader):
+        loader.close()
+    if tb is not None:
+        tb.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    skipped = list(getattr(train_ds, "skipped", [])) + list(getattr(val_ds, "skipped", []))
+    if skipped and is_main:
+        log(f"warning: {len(skipped)} unreadable image(s) were skipped, e.g. {skipped[0]}")
+    return TrainResult(run_dir, best_epoch, sign * best, cfg.train.monitor, history, skipped)
+
+
+def _model_config_dict(cfg: Config) -> dict:
+    return cfg.to_dict()["model"]
+
+
+def _write_metrics_csv(path: Path, history: list[dict]) -> None:
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRICS_CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _bar(iterable, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _tensorboard(run_dir: Path, cfg: Config):
+    if not cfg.train.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None  # tensorboard is an optional extra
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _wandb(cfg: Config):
+    if not cfg.train.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb is set but wandb is not installed: pip install 'taxonomist[wandb]'") from None
+    return wandb.init(project=cfg.train.wandb, config=cfg.to_dict(), dir=cfg.out)
+
+
+def load_history(run_dir: str | Path) -> list[dict]:
+    """metrics.csv of a run as a list of dicts with float values."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1))
