@@ -28,6 +28,8 @@ def register(sub, formatter):
     p.add_argument("--kfold", action="store_true",
                    help="train one model per value of the dataset's fold column (out/fold_K) and write "
                         "out-of-fold predictions")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image, naming it (default: skip it and list it)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation of the best checkpoint after training")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(func=run)
@@ -38,7 +40,7 @@ def run(args) -> int:
 
     from taxonomist.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + (["data.strict=true"] if args.strict else []))
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0

@@ -63,7 +63,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     """
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from taxonomist.train.inference import run_inference, softmax
+    from taxonomist.decide import apply_temperature, softmax
+    from taxonomist.train.inference import run_inference
     from taxonomist.train.loop import configure_threads, select_device
 
     ckpt = resolve_checkpoint(run_or_checkpoint)
@@ -102,7 +103,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     loader = build_loader(ds, batch_size, train=False, num_workers=num_workers)
     res = run_inference(model, loader, dev, progress=progress, desc="evaluate")
     temperature = float(meta.get("temperature", 1.0))
-    probs = softmax(res.logits, temperature)
+    probs = apply_temperature(res.logits, temperature)
     metric = meta.get("metric", "lca")
     D = distance_matrix(taxonomy, metric, labels, labels)
     m = classification_metrics(probs, res.targets, taxonomy, D)

@@ -66,10 +66,3 @@ def _select(value, mask):
     if isinstance(value, dict):
         return {k: _select(v, mask) for k, v in value.items()}
     return value[mask]
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

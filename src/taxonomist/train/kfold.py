@@ -48,7 +48,7 @@ def fold_values(dataset) -> list[int]:
 def train_kfold(cfg: Config, progress: bool = True, resume: bool = False, log=print) -> KFoldResult:
     """Train `out/fold_K` for every fold K and write `out/oof_predictions.csv` and `out/oof_logits.npy`."""
     from taxonomist.train.checkpoint import load_checkpoint
-    from taxonomist.train.inference import run_inference, softmax
+    from taxonomist.train.inference import run_inference
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
 
     dataset = load_dataset(cfg.data.root, cfg.data.taxonomy or None)
@@ -78,7 +78,7 @@ def train_kfold(cfg: Config, progress: bool = True, resume: bool = False, log=pr
         sub = rows.iloc[res.indices]
         logits_all.append(res.logits)
         index_all.append(sub.index.to_numpy())
-        probs = softmax(res.logits)
+        probs = torch.softmax(torch.from_numpy(res.logits), dim=1).numpy()
         frames.append(pd.DataFrame({"row": sub.index.to_numpy(), "path": sub["path"].to_numpy(), "fold": k,
                                     "label": sub["label"].to_numpy(),
                                     "prediction": [taxonomy.labels[i] for i in probs.argmax(1)],

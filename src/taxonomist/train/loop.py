@@ -383,7 +383,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print) -
             "val_mhd": float(D[val.targets, vp].mean()),
             "val_macro_f1": float(f1_score(val.targets, vp, labels=np.unique(val.targets), average="macro",
                                            zero_division=0)),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": max(g["lr"] for g in optimizer.param_groups),  # the head's rate under layer decay
             "img_s": seen * world / max(train_seconds, 1e-9),
             "seconds": time.time() - t0,
         }
