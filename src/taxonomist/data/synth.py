@@ -296,9 +296,10 @@ def _build_tree(rng: np.random.Generator, n_taxa: int, n_phyla: int, species_per
                 genus = nodes[p].name
                 name = fresh(lambda: genus + " " + _latin(rng, int(rng.integers(1, 3)))
                              + rng.choice(("ensis", "i", "ata", "us", "oides", "ica", "a")))
-            phylum = len(nodes) if rank == "phylum" else nodes[p].traits.get("phylum", -1)
-            nodes.append(_Node(name, rank, p, {"plan": plan, "phylum": phylum} if rank == "phylum"
-                               else {"phylum": phylum}))
+            # each node remembers its phylum (for the balancing above) and a phylum its body plan
+            traits = {"phylum": len(nodes), "plan": plan} if rank == "phylum" else {
+                "phylum": nodes[p].traits.get("phylum", -1)}
+            nodes.append(_Node(name, rank, p, traits))
             current.append(len(nodes) - 1)
         previous = current
     leaves = previous
