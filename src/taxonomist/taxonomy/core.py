@@ -364,10 +364,15 @@ class Taxonomy:
 
     # ------------------------------------------------------------------ identity
     def to_rows(self) -> list[dict[str, str]]:
-        """Rows for `taxonomy.csv`, in the format the taxonomy was read from."""
+        """Rows for `taxonomy.csv`, in the format the taxonomy was read from.
+
+        A rank-column table gets one row per label, then one per leaf that is not a label, so that no node
+        of the tree is lost (a model trained on some of a table's labels keeps the others as nodes).
+        """
         if self.source_format == "ranks":
             rows = []
-            for name in self.labels:
+            labels = set(self.labels)
+            for name in list(self.labels) + [leaf for leaf in self.leaves if leaf not in labels]:
                 row = {"concept_name": name, **{r: "" for r in RANKS}}
                 for i in self._path(self.index(name)):
                     if self.ranks[i] is not None:

@@ -132,6 +132,15 @@ def split_rows(dataset: Dataset, cfg: Config):
     return frame.drop(index=val_idx), val
 
 
+def trainable_labels(dataset: Dataset) -> set[str]:
+    """Labels of the rows that training may see (every split but `test` and `ood`)."""
+    frame = dataset.annotations
+    frame = frame[frame["label"] != ""]
+    if "split" in frame.columns:
+        frame = frame[~frame["split"].isin(["test", "ood"])]
+    return set(frame["label"])
+
+
 def _distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -202,6 +211,10 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print) -
     if train_rows.empty or val_rows.empty:
         raise DataError(f"{dataset.root}: need both training and validation rows "
                         f"(got {len(train_rows)} train, {len(val_rows)} val)")
+    # the model predicts the labels of its training and validation rows: held-out (`ood`, test-only) taxa
+    # get no output. Every fold of a K-fold split sees the same labels, so their outputs line up.
+    pool = trainable_labels(dataset)
+    taxonomy = taxonomy.with_labels([lab for lab in taxonomy.labels if lab in pool])
     metric = default_metric(taxonomy) if cfg.decide.metric == "auto" else cfg.decide.metric
     labels = list(taxonomy.labels)
     label_index = {lab: i for i, lab in enumerate(labels)}

@@ -1,0 +1,109 @@
+"""`taxonomist predict`: run one checkpoint or an ensemble over images and write a decisions CSV or a
+Kaggle submission (`taxonomist.inference.predict`)."""
+from __future__ import annotations
+
+#: decide.DECISIONS and decide.OOD_METHODS, spelled out so that `--help` needs no numpy/scipy import
+#: (tests/cli/test_predict_cli.py checks that they match)
+DECISION_CHOICES = ("argmax", "min-risk", "backoff", "selective")
+OOD_CHOICES = ("msp", "max-logit", "energy", "mahalanobis", "knn")
+
+EXAMPLE = """\
+examples:
+  taxonomist predict runs/demo/run --images photos/ --out p.csv
+  taxonomist predict RUN/checkpoints/best.safetensors --images DIR --decision min-risk --out p.csv
+  taxonomist predict RUN --images test.csv --decision min-risk --candidates fathomnet2025 --format kaggle --out sub.csv
+  taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood energy --ood-tpr 0.95 --out p.csv
+  taxonomist predict fold_0 fold_1 fold_2 --images DIR --ensemble-mode geometric --tta --out p.csv
+
+--images takes a folder (searched recursively), a CSV with a `path` column relative to the CSV's folder
+(its other columns, e.g. annotation_id, are kept), or a dataset directory (annotations.csv).
+
+Output (csv): path,prediction,confidence, one column per rank (per depth for unranked trees) holding the
+answer's ancestor there, expected_distance (the answer's expected distance under the probabilities), with
+--ood also ood_score,unknown, then the input's other columns. Unreadable images get no row and are listed.
+--format kaggle writes annotation_id,concept_name for every input row, validated first (each id once, every
+name a candidate); there an unreadable image is an error unless --fill-unreadable.
+
+Decisions: argmax (most probable label), min-risk (least expected taxonomic distance over the candidates),
+backoff (climb from the top label until a rank's threshold is met: --thresholds species=0.55,genus=0.6,…),
+selective (deepest node with P >= --selective-threshold). --candidates: without it the training labels for
+argmax/min-risk and --format kaggle, every node for backoff/selective; `all`, `fathomnet2025` or a file.
+
+OOD: --ood METHOD adds ood_score (higher = more unknown) and unknown (score >= threshold). The threshold is
+--ood-threshold T, or the one keeping --ood-tpr (default 0.95) of the known validation images, stored at
+calibration. With min-risk/backoff/selective an unknown's answer falls back to its ancestor at
+--ood-fallback (default: order, or depth 1 for unranked trees) when that is a candidate, so use
+--candidates all (or a list with coarse names) for the fallback to climb.
+
+--tta alone averages 4 views (identity, h-flip, v-flip, 180° turn: 'rot2+flip'); or name views:
+rot2 (the FathomNet 2nd place's 2 views), flip, rot4, d4, scales=0.875,1.0,1.125, joined with '+'.
+Put --tta after the checkpoints, or give it a spec, so that it does not swallow a checkpoint path.
+"""
+
+
+def register(sub, formatter):
+    p = sub.add_parser("predict", help="predict images with a checkpoint or an ensemble → CSV",
+                       description="Predict images with one checkpoint or an ensemble and write the decisions.",
+                       epilog=EXAMPLE, formatter_class=formatter)
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="a .safetensors checkpoint or a run directory (its best checkpoint); several = an ensemble")
+    p.add_argument("--images", required=True, metavar="DIR_OR_CSV",
+                   help="a folder of images, a CSV with a path column, or a dataset directory")
+    p.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
+    p.add_argument("--decision", choices=DECISION_CHOICES, default="argmax", help="decision rule")
+    p.add_argument("--candidates", metavar="FILE|all|fathomnet2025", default=None,
+                   help="names an answer may take (default: see below)")
+    p.add_argument("--thresholds", metavar="RANK=P,…", default=None,
+                   help="backoff thresholds per rank (or depthN=P), or one number; default: the config ladder "
+                        "species 0.55 … kingdom 0.85")
+    p.add_argument("--selective-threshold", type=float, default=None, metavar="P",
+                   help="selective: answer the deepest node with P(node) >= P (default 0.5)")
+    p.add_argument("--ood", choices=OOD_CHOICES, default=None, metavar="METHOD",
+                   help=f"flag unknown taxa with an OOD score: {', '.join(OOD_CHOICES)}")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ood-threshold", type=float, default=None, metavar="T",
+                       help="flag when the OOD score >= T (one checkpoint only)")
+    group.add_argument("--ood-tpr", type=float, default=None, metavar="0.95",
+                       help="threshold keeping this share of known validation images unflagged (default 0.95)")
+    p.add_argument("--ood-fallback", default="auto", metavar="RANK|depthN|P",
+                   help="answer a flagged image with its ancestor at this rank/depth, or the deepest ancestor "
+                        "with P >= this probability (min-risk, backoff, selective); auto = order or depth 1")
+    p.add_argument("--tta", nargs="?", const="rot2+flip", default=None, metavar="SPEC",
+                   help="test-time augmentation; alone = rot2+flip (4 views)")
+    p.add_argument("--tta-mode", choices=("mean_probs", "mean_logits"), default="mean_probs",
+                   help="merge TTA views by their mean probabilities or mean logits")
+    p.add_argument("--format", dest="fmt", choices=("csv", "kaggle"), default="csv",
+                   help="csv: decisions with per-rank columns; kaggle: annotation_id,concept_name")
+    p.add_argument("--fill-unreadable", action="store_true",
+                   help="kaggle: answer unreadable images with the candidate nearest to all labels instead of failing")
+    p.add_argument("--weights", default=None, metavar="W,W,…", help="ensemble weights, one per checkpoint")
+    p.add_argument("--ensemble-mode", choices=("arithmetic", "geometric"), default="arithmetic",
+                   help="mean of the members' probabilities: arithmetic, or geometric (renormalised)")
+    p.add_argument("--split", default=None, metavar="NAME", help="dataset directory: predict only this split")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda or mps")
+    p.add_argument("--workers", type=int, default=-1, help="image-loading processes; -1 = chosen for the machine")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from taxonomist.errors import ConfigError
+    from taxonomist.inference.predict import predict
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights {args.weights!r}: expected numbers separated by commas") from None
+    summary = predict(
+        args.checkpoints, args.images, args.out, decision=args.decision, candidates=args.candidates,
+        thresholds=args.thresholds, selective_threshold=args.selective_threshold, ood=args.ood,
+        ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback_level=args.ood_fallback,
+        tta=args.tta, tta_mode=args.tta_mode, fmt=args.fmt, fill_unreadable=args.fill_unreadable,
+        batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+        ensemble_mode=args.ensemble_mode, weights=weights, split=args.split, progress=sys.stderr.isatty())
+    print(summary.summary())
+    return 0

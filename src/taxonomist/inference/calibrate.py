@@ -1,0 +1,299 @@
+"""Calibrate a trained checkpoint: temperature on the validation rows, OOD scorers on the training rows.
+
+Writes `FILE.ood.safetensors` beside the checkpoint and adds `temperature`, `calibration` and `ood` to its JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from taxonomist.config import Config, load_config
+from taxonomist.data.dataset import load_dataset
+from taxonomist.decide import (OOD_METHODS, OODScorer, apply_temperature, build_ood_scorer, expected_calibration_error,
+                               fit_temperature, load_ood_scorer)
+from taxonomist.errors import ConfigError, DataError, ModelError
+from taxonomist.taxonomy import suggest
+from taxonomist.train.checkpoint import metadata_path, read_metadata, resolve_checkpoint
+from taxonomist.utils.files import atomic_path, atomic_write_text
+
+#: Known-data TPRs whose thresholds are stored in the metadata; other values are computed from the stored scores.
+TPR_LEVELS = (0.8, 0.85, 0.9, 0.95, 0.975, 0.99)
+#: Key suffix of the sorted validation scores in the OOD file (the rest of `<method>/…` is the scorer's state).
+VAL_SCORES_KEY = "val_known_scores"
+#: Training features the kNN score keeps (seeded subset): 20,000 × 1,280 float32 is 100 MB.
+KNN_MAX_BANK = 20_000
+
+
+@dataclass
+class Calibration:
+    """What `calibrate_checkpoint` fitted and wrote."""
+
+    checkpoint: Path
+    temperature: float
+    ece_before: float
+    ece_after: float
+    n_val: int
+    n_train: int
+    ood_file: Path | None
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    reused_from: Path | None = None
+
+    def summary(self) -> str:
+        how = f" (same weights as {self.reused_from.name})" if self.reused_from else f" in {self.seconds:.1f} s"
+        line = (f"calibrated {self.checkpoint.name}: temperature {self.temperature:.3f}, val ECE "
+                f"{self.ece_before:.4f} → {self.ece_after:.4f} (n={self.n_val})")
+        if self.ood_file is not None:
+            line += f"; OOD scores {', '.join(self.thresholds)} fitted on {self.n_train} training images"
+        return line + how
+
+
+def ood_path(checkpoint: str | Path) -> Path:
+    """`best.safetensors` → `best.ood.safetensors` (also `model.onnx` → `model.ood.safetensors`)."""
+    p = Path(checkpoint)
+    return p.with_name(p.stem + ".ood.safetensors")
+
+
+def known_threshold(known_scores: np.ndarray, tpr: float) -> float:
+    """The lowest threshold t that keeps at least `tpr` of the known examples (kept = score < t).
+
+    The flagging rule is `decide.ood`'s: flagged (unknown) when score ≥ t. `decide.threshold_for_tpr` sets t
+    from labelled *unknowns* (TPR = unknowns flagged); at predict time no unknowns are labelled, so
+    `--ood-tpr 0.95` means a TPR on *known* data: at most 5 % of the known validation examples are flagged.
+    t is the next float above the ⌈tpr·n⌉-th smallest known score.
+
+    >>> known_threshold(np.arange(1.0, 21.0), 0.95) > 19.0, known_threshold(np.arange(1.0, 21.0), 0.95) < 19.01
+    (True, True)
+    """
+    s = np.sort(np.asarray(known_scores, dtype=np.float64).ravel())
+    if len(s) == 0 or not np.isfinite(s).all():
+        raise DataError("known_scores must be a non-empty array of finite scores")
+    tpr = check_tpr(tpr)
+    k = min(len(s), max(1, math.ceil(tpr * len(s) - 1e-9)))  # the slack keeps 0.95 × 20 from rounding to 20
+    return float(np.nextafter(s[k - 1], np.inf))
+
+
+def check_tpr(tpr: float) -> float:
+    """`tpr` as a float in (0, 1], or a ConfigError."""
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.floating, np.integer)) or not 0 < tpr <= 1:
+        raise ConfigError(f"the OOD TPR must lie in (0, 1], got {tpr!r}")
+    return float(tpr)
+
+
+def _tpr_key(tpr: float) -> str:
+    return f"{float(tpr):g}"
+
+
+def _methods(ood_methods: Sequence[str] | None) -> list[str]:
+    methods = list(dict.fromkeys(ood_methods or ()))
+    for m in methods:
+        if m not in OOD_METHODS:
+            raise ConfigError(f"unknown OOD method {m!r}{suggest(str(m), OOD_METHODS)}; "
+                              f"choose from {', '.join(OOD_METHODS)}")
+    return methods
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_config(ckpt: Path, data: str | Path | None) -> Config:
+    """The training run's config (for its train/val split) when the checkpoint sits in a run directory."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    cfg_file = run_dir / "config.yaml" if run_dir else None
+    cfg = load_config(cfg_file if cfg_file is not None and cfg_file.is_file() else None)
+    if data is not None:
+        cfg.data.root = str(data)
+    if not cfg.data.root:
+        raise DataError(f"{ckpt}: no run directory config.yaml names its dataset; pass data=DATASET")
+    return cfg
+
+
+def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None = None, device: str = "auto",
+                         ood_methods: Sequence[str] | None = OOD_METHODS, batch_size: int = 64,
+                         num_workers: int = -1, progress: bool = False) -> Calibration:
+    """Fit the temperature and the OOD scorers of one checkpoint (a run directory means its best checkpoint).
+
+    1. Rebuild the run's train/val rows (`train.loop.split_rows` with the run's config.yaml; `data` overrides
+       its dataset directory).
+    2. Run the model over the val rows (eval transforms): fit the temperature (`decide.fit_temperature`) and
+       measure the top-1 ECE before and after it.
+    3. Run it over the train rows (eval transforms, no augmentation): fit each OOD scorer on the features and
+       logits (`msp` with the fitted temperature); score the val rows with it and keep their sorted scores.
+    4. Write `FILE.ood.safetensors` (keys `<method>/<state key>` and `<method>/val_known_scores`) and add to
+       the checkpoint JSON, atomically: `temperature`, `calibration: {ece_before, ece_after, n_val}`,
+       `ood: {file, methods, n_train, n_val, thresholds: {method: {tpr: t}}}` for the TPRs in `TPR_LEVELS`
+       (see `known_threshold`). `ood_methods=()` skips steps 3–4.
+    """
+    from taxonomist.train.checkpoint import load_checkpoint
+    from taxonomist.train.loop import configure_threads, select_device, split_rows
+    from taxonomist.inference.run_model import infer_rows
+
+    start = time.time()
+    methods = _methods(ood_methods)
+    ckpt = resolve_checkpoint(checkpoint_or_run)
+    cfg = _run_config(ckpt, data)
+    dev = select_device(device)
+    configure_threads(0, dev, num_workers)
+    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev))
+    labels = list(meta["labels"])
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    dataset = load_dataset(cfg.data.root, taxonomy)
+    train_rows, val_rows = split_rows(dataset, cfg)
+    if val_rows.empty:
+        raise DataError(f"{dataset.root}: no validation rows to fit the temperature on")
+    common = dict(device=dev, label_index=label_index, batch_size=batch_size, num_workers=num_workers,
+                  progress=progress)
+    val = infer_rows(model, meta, dataset, val_rows, desc="calibrate (val)", **common).result
+    if len(val.targets) == 0:
+        raise DataError(f"{dataset.root}: every validation image was unreadable")
+    temperature = fit_temperature(val.logits, val.targets)
+    ece = {}
+    for key, t in (("before", 1.0), ("after", temperature)):
+        p = apply_temperature(val.logits.astype(np.float64), t)
+        ece[key] = expected_calibration_error(p.max(axis=1), p.argmax(axis=1) == val.targets)
+
+    thresholds: dict[str, dict[str, float]] = {}
+    ood_file, n_train = None, 0
+    if methods:
+        train = infer_rows(model, meta, dataset, train_rows, desc="calibrate (train features)", **common).result
+        n_train = len(train.targets)
+        if n_train == 0:
+            raise DataError(f"{dataset.root}: every training image was unreadable")
+        tensors: dict[str, np.ndarray] = {}
+        for method in methods:
+            options = {"temperature": temperature} if method == "msp" else {}
+            if method == "knn":  # k = 10 (Sun et al.), fewer only for toy training sets
+                options = {"k": min(10, n_train), "max_bank": KNN_MAX_BANK}
+            scorer = build_ood_scorer(method, **options).fit(train.features, train.logits, train.targets)
+            val_scores = np.sort(scorer.score(val.features, val.logits))
+            for key, value in scorer.state_dict().items():
+                tensors[f"{method}/{key}"] = np.ascontiguousarray(np.asarray(value))
+            tensors[f"{method}/{VAL_SCORES_KEY}"] = val_scores.astype(np.float64)
+            thresholds[method] = {_tpr_key(t): known_threshold(val_scores, t) for t in TPR_LEVELS}
+        ood_file = ood_path(ckpt)
+        _save_ood(ood_file, tensors, methods, ckpt.name)
+
+    meta = read_metadata(ckpt)  # re-read: write back exactly what is on disk plus the new keys
+    meta["temperature"] = float(temperature)
+    meta["calibration"] = {"ece_before": float(ece["before"]), "ece_after": float(ece["after"]),
+                           "n_val": len(val.targets)}
+    if methods:
+        meta["ood"] = {"file": ood_file.name, "methods": methods, "n_train": n_train, "n_val": len(val.targets),
+                       "flag": "score >= threshold; thresholds[method][tpr] keeps at least tpr of the known "
+                               "validation examples below it", "thresholds": thresholds}
+    else:
+        meta.pop("ood", None)
+    atomic_write_text(metadata_path(ckpt), json.dumps(meta, indent=1))
+    if not methods:
+        ood_path(ckpt).unlink(missing_ok=True)  # statistics of earlier weights would no longer match
+    return Calibration(ckpt, float(temperature), float(ece["before"]), float(ece["after"]), len(val.targets),
+                       n_train, ood_file, thresholds, time.time() - start)
+
+
+def calibrate_run(run_dir: str | Path, data: str | Path | None = None, device: str = "auto",
+                  ood_methods: Sequence[str] | None = OOD_METHODS, batch_size: int = 64, num_workers: int = -1,
+                  progress: bool = False) -> list[Calibration]:
+    """Calibrate a run's `best` and `last` checkpoints; when both hold the same weights, `last` gets a copy."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    best = ckpt_dir / "best.safetensors"
+    if not best.is_file():
+        raise ModelError(f"{best}: checkpoint not found (is {run_dir} a run directory?)")
+    done = [calibrate_checkpoint(best, data, device, ood_methods, batch_size, num_workers, progress)]
+    last = ckpt_dir / "last.safetensors"
+    if last.is_file():
+        if _sha256(last) == _sha256(best):
+            done.append(_copy_calibration(done[0], last))
+        else:
+            done.append(calibrate_checkpoint(last, data, device, ood_methods, batch_size, num_workers, progress))
+    return done
+
+
+def _copy_calibration(source: Calibration, target: Path) -> Calibration:
+    src_meta, meta = read_metadata(source.checkpoint), read_metadata(target)
+    for key in ("temperature", "calibration", "ood"):
+        if key in src_meta:
+            meta[key] = src_meta[key]
+        else:
+            meta.pop(key, None)
+    ood_file = None
+    if source.ood_file is not None:
+        ood_file = ood_path(target)
+        with atomic_path(ood_file) as tmp:
+            shutil.copyfile(source.ood_file, tmp)
+        meta["ood"] = {**meta["ood"], "file": ood_file.name}
+    atomic_write_text(metadata_path(target), json.dumps(meta, indent=1))
+    return Calibration(target, source.temperature, source.ece_before, source.ece_after, source.n_val,
+                       source.n_train, ood_file, source.thresholds, 0.0, reused_from=source.checkpoint)
+
+
+def _save_ood(path: Path, tensors: dict[str, np.ndarray], methods: list[str], checkpoint_name: str) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "taxonomist-ood", "version": "1",
+                                               "methods": ",".join(methods), "checkpoint": checkpoint_name})
+
+
+def _read_ood(checkpoint: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_metadata(ckpt)
+    info = meta.get("ood")
+    if not info:
+        return ckpt, {}, {}
+    path = ckpt.parent / info.get("file", ood_path(ckpt).name)
+    if not path.is_file():
+        raise ModelError(f"{path}: OOD statistics named in {metadata_path(ckpt).name} are missing "
+                         "(recalibrate with taxonomist.inference.calibrate_run)")
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: cannot read OOD statistics ({e})") from None
+    return path, info, tensors
+
+
+def load_ood_scorers(checkpoint: str | Path) -> dict[str, OODScorer]:
+    """The fitted OOD scorers stored beside a checkpoint, by method; an empty dict when it has none."""
+    path, info, tensors = _read_ood(checkpoint)
+    scorers = {}
+    for method in info.get("methods", []):
+        prefix = f"{method}/"
+        state = {k[len(prefix):]: v for k, v in tensors.items()
+                 if k.startswith(prefix) and k != prefix + VAL_SCORES_KEY}
+        try:
+            scorers[method] = load_ood_scorer(method, state)
+        except DataError as e:
+            raise ModelError(f"{path}: {e}") from None
+    return scorers
+
+
+def ood_threshold(checkpoint: str | Path, method: str, tpr: float) -> float:
+    """The `--ood-tpr` threshold of `method` for a checkpoint: the stored one, else computed from the stored
+    sorted validation scores (`known_threshold`)."""
+    path, info, tensors = _read_ood(checkpoint)
+    if not info:
+        raise ModelError(f"{checkpoint}: the checkpoint has no OOD statistics; calibrate it first "
+                         "(taxonomist train does so unless --no-calibrate)")
+    if method not in info.get("methods", []):
+        raise ConfigError(f"{path}: no {method!r} OOD statistics (stored: {', '.join(info.get('methods', []))})")
+    stored = info.get("thresholds", {}).get(method, {})
+    if _tpr_key(check_tpr(tpr)) in stored:
+        return float(stored[_tpr_key(tpr)])
+    scores = tensors.get(f"{method}/{VAL_SCORES_KEY}")
+    if scores is None:
+        raise ModelError(f"{path}: no validation scores for {method!r}; recalibrate the checkpoint")
+    return known_threshold(scores, tpr)

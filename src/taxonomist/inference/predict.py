@@ -1,0 +1,518 @@
+"""Batch prediction: one or several checkpoints over a folder, a CSV or a dataset, to a decisions CSV.
+
+Each member applies its own preprocessing, temperature and optional TTA; `decide` turns the combined
+probabilities into answers, OOD scores flag unknowns, and `--format kaggle` writes a validated submission.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations
+from taxonomist.decide import (COMBINE_MODES, DECISIONS, VIEW_MODES, ancestor_operator, apply_temperature,
+                               candidate_nodes, combine_probs, decide, expected_distance, ood_fallback, softmax)
+from taxonomist.errors import ConfigError, DataError, ModelError, SubmissionError
+from taxonomist.taxonomy import RANKS, Taxonomy, default_metric, distance_matrix, suggest
+from taxonomist.taxonomy.core import RANK_INDEX
+from taxonomist.utils.files import atomic_path
+
+#: Files a folder of images is searched for (case-insensitive), recursively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+FORMATS = ("csv", "kaggle")
+#: `--ood-tpr` when neither a TPR nor a threshold is given: keep 95 % of known validation examples.
+DEFAULT_OOD_TPR = 0.95
+
+
+# ---------------------------------------------------------------------------------------------- input
+@dataclass
+class ImageInput:
+    """The images to predict: `rows` has a `path` column relative to `root`, plus the input's other columns."""
+
+    root: Path
+    rows: pd.DataFrame
+    kind: str            # folder | csv | dataset
+    source: Path         # the folder, CSV file or annotations.csv, for messages
+
+
+def read_images(images: str | Path, split: str | None = None) -> ImageInput:
+    """Read `--images`: a folder (recursive), a CSV with a `path` column (relative to the CSV's folder), or a
+    dataset directory (its annotations.csv; unlabelled rows are fine). `split` keeps one split of a dataset.
+    """
+    src = Path(images)
+    if src.is_dir() and (src / ANNOTATIONS).is_file():
+        frame = read_annotations(src / ANNOTATIONS)
+        source = src / ANNOTATIONS
+        if split:
+            if "split" not in frame.columns:
+                raise DataError(f"{source}: no 'split' column, so split {split!r} cannot be selected")
+            frame = frame[frame["split"] == split]
+            if frame.empty:
+                raise DataError(f"{source}: no rows with split {split!r}")
+        return ImageInput(src, frame.reset_index(drop=True), "dataset", source)
+    if split:
+        raise ConfigError(f"{src}: --split selects rows of a dataset directory (with annotations.csv)")
+    if src.is_dir():
+        files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
+        if not files:
+            raise DataError(f"{src}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below it")
+        return ImageInput(src, pd.DataFrame({"path": files}), "folder", src)
+    if src.is_file():
+        return ImageInput(src.parent, _read_image_csv(src), "csv", src)
+    raise DataError(f"{src}: not found (give a folder of images, a CSV with a 'path' column or a dataset directory)")
+
+
+def _read_image_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: malformed CSV ({str(e).strip().splitlines()[-1]})") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    if "path" not in frame.columns:
+        raise DataError(f"{path}: no 'path' column (header: {','.join(frame.columns)})")
+    if frame.empty:
+        raise DataError(f"{path}: no rows below the header")
+    frame["path"] = frame["path"].str.strip()
+    empty = np.flatnonzero(frame["path"].to_numpy() == "")
+    if len(empty):
+        raise DataError(f"{path}: row {empty[0] + 2}: empty path")
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------- options
+def parse_thresholds(text: str | float | Mapping | None) -> Mapping | float | None:
+    """`--thresholds`: `species=0.6,genus=0.7` (or `depth2=0.6`) → a dict, `0.7` → one number for every node.
+
+    >>> parse_thresholds("species=0.6,genus=0.65")
+    {'species': 0.6, 'genus': 0.65}
+    """
+    if text is None or isinstance(text, (Mapping, float, int)):
+        return text
+    raw = str(text).strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--thresholds {raw!r}: expected RANK=P,… (e.g. species=0.6,genus=0.65) "
+                              "or one number") from None
+    out: dict[str, float] = {}
+    for item in raw.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--thresholds {raw!r}: item {item.strip()!r} is not RANK=P")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--thresholds {raw!r}: {key.strip()}={value.strip()!r} is not a number") from None
+    return out
+
+
+def _parse_fallback(value, taxonomy: Taxonomy):
+    """`--ood-fallback`: a rank, `depthN`, an int depth or a probability; `auto` = order (ranked trees) or depth 1."""
+    if value in (None, "", "auto"):
+        return "order" if taxonomy.has_ranks else 1
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text in RANKS or (text.startswith("depth") and text[5:].isdigit()):
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--ood-fallback {text!r}: give a rank ({', '.join(RANKS)}), depthN or a probability"
+                          f"{suggest(text, RANKS)}") from None
+
+
+def _tta_views(tta):
+    from taxonomist.inference.tta import View, parse_tta
+
+    if tta is None or tta is False:
+        return None
+    if tta is True:
+        return parse_tta(None)
+    if isinstance(tta, str):
+        return parse_tta(tta)
+    views = list(tta)
+    if not views or not all(isinstance(v, View) for v in views):
+        raise ConfigError("tta must be True, a spec such as 'rot2+flip', or a list of View objects")
+    return views
+
+
+# ---------------------------------------------------------------------------------------------- result
+@dataclass
+class PredictSummary:
+    """What `predict` wrote."""
+
+    out: Path
+    n_images: int                                      # rows in the input
+    n_predicted: int                                   # rows with an answer from the model
+    skipped: list = field(default_factory=list)        # (path, reason) of unreadable images
+    n_unknown: int | None = None                       # flagged by --ood (None without it)
+    n_filled: int = 0                                  # kaggle: unreadable images given the fill answer
+    seconds: float = 0.0
+    decision: str = "argmax"
+    checkpoints: list = field(default_factory=list)
+    views: tuple = ()
+    fmt: str = "csv"
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_predicted / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        members = f"{len(self.checkpoints)} checkpoints" if len(self.checkpoints) > 1 else "1 checkpoint"
+        tta = f", {len(self.views)} TTA views" if self.views else ""
+        lines = [f"predicted {self.n_predicted} of {self.n_images} images ({self.decision}, {members}{tta}) in "
+                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s); wrote {self.out} ({self.fmt})"]
+        if self.n_unknown is not None:
+            lines.append(f"{self.n_unknown} image(s) flagged unknown by the OOD score")
+        if self.skipped:
+            shown = "; ".join(f"{p} ({r})" for p, r in self.skipped[:3])
+            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            fill = ", answered with the fill answer" if self.n_filled else ", left out of the output"
+            lines.append(f"skipped {len(self.skipped)} unreadable image(s){fill}: {shown}{more}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- members
+@dataclass
+class _Member:
+    checkpoint: Path
+    probs: np.ndarray        # (n, L) calibrated probabilities
+    features: np.ndarray     # (n, F)
+    logits: np.ndarray       # (n, L) raw logits (mean over views with TTA)
+    positions: np.ndarray    # (n,) row positions in the input
+
+
+def _run_member(ckpt: Path, images: ImageInput, dev, tta_views, tta_mode: str, batch_size: int, num_workers: int,
+                progress: bool, desc: str):
+    """One checkpoint over the images: its calibrated probabilities, features and raw logits, and what it skipped."""
+    from taxonomist.inference.run_model import infer_rows
+    from taxonomist.train.checkpoint import load_checkpoint
+
+    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev))
+    labels = list(meta["labels"])
+    temperature = float(meta.get("temperature", 1.0))
+    # a dataset with context_path feeds context-input models their scenes; a folder or CSV gives the images
+    path_column = None if images.kind == "dataset" else "path"
+    loader_rows = images.rows.assign(label="")
+    dataset = Dataset(images.root, loader_rows, taxonomy)
+    out = infer_rows(model, meta, dataset, loader_rows, dev, {lab: i for i, lab in enumerate(labels)},
+                     batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc, tta=tta_views,
+                     tta_mode=tta_mode, temperature=temperature, path_column=path_column)
+    res = out.result
+    if tta_views:
+        probs, raw = softmax(res.logits.astype(np.float64)), res.mean_logits
+    else:
+        probs, raw = apply_temperature(res.logits.astype(np.float64), temperature), res.logits
+    return _Member(ckpt, probs, res.features, raw, res.indices), out.skipped
+
+
+# ---------------------------------------------------------------------------------------------- kaggle
+def check_kaggle_submission(frame: pd.DataFrame, expected_ids: Sequence[str], candidates: Sequence[str]) -> None:
+    """Raise `SubmissionError` listing every problem of an `annotation_id,concept_name` table: other columns,
+    an expected id missing or repeated, an id not expected, an empty name or one outside `candidates`."""
+    problems: list[str] = []
+    if list(frame.columns) != ["annotation_id", "concept_name"]:
+        problems.append(f"submission columns are {','.join(map(str, frame.columns))}; "
+                        "expected annotation_id,concept_name")
+    else:
+        ids = frame["annotation_id"].astype(str).to_numpy()
+        names = frame["concept_name"].astype(str).to_numpy()
+        expected = set(map(str, expected_ids))
+        counts = pd.Series(ids).value_counts()
+        repeated = counts[counts > 1]
+        if len(repeated):
+            problems.append(f"annotation_id {repeated.index[0]!r} appears {int(repeated.iloc[0])} times "
+                            f"({len(repeated)} repeated ids)")
+        missing = sorted(expected - set(ids))
+        if missing:
+            problems.append(f"{len(missing)} annotation id(s) have no answer, e.g. {missing[0]!r}")
+        extra = sorted(set(ids) - expected)
+        if extra:
+            problems.append(f"{len(extra)} annotation id(s) are not in the input, e.g. {extra[0]!r}")
+        allowed = set(candidates)
+        bad = [k for k, n in enumerate(names) if n not in allowed]
+        if bad:
+            k = bad[0]
+            problems.append(f"row {k + 2}: concept_name {names[k]!r} (annotation_id {ids[k]!r}) is not in the "
+                            f"candidate set of {len(allowed)} names{suggest(names[k], allowed)} "
+                            f"({len(bad)} such rows)")
+    if problems:
+        raise SubmissionError(problems)
+
+
+def _annotation_ids(images: ImageInput) -> np.ndarray:
+    if "annotation_id" not in images.rows.columns:
+        raise DataError(f"{images.source}: --format kaggle needs an annotation_id column "
+                        f"(columns: {','.join(images.rows.columns)}); give a CSV or a prepared dataset that has one")
+    ids = images.rows["annotation_id"].astype(str).str.strip().to_numpy()
+    empty = np.flatnonzero(ids == "")
+    if len(empty):
+        raise DataError(f"{images.source}: row {empty[0] + 2}: empty annotation_id")
+    seen: dict[str, int] = {}
+    for k, value in enumerate(ids):
+        if value in seen:
+            raise DataError(f"{images.source}: row {k + 2}: annotation_id {value!r} repeats row {seen[value] + 2}")
+        seen[value] = k
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _answer_probability(probs: np.ndarray, taxonomy: Taxonomy, nodes: np.ndarray) -> np.ndarray:
+    """P(answer): the summed probability of the labels at or below each answer."""
+    under = ancestor_operator(taxonomy).tocsc()[:, nodes]  # (L, N): label l at or below answer n
+    return np.asarray(under.multiply(probs.T).sum(axis=0)).ravel()
+
+
+def _level_columns(taxonomy: Taxonomy, nodes: np.ndarray) -> dict[str, list[str]]:
+    """Per-rank (or per-depth, for unranked trees) columns: the answer's ancestor-or-self at that level."""
+    names = np.array(list(taxonomy.names) + [""], dtype=object)  # index -1 → ""
+    cols: dict[str, list[str]] = {}
+    if taxonomy.has_ranks:
+        codes = taxonomy.rank_codes()[nodes]
+        for level in taxonomy.levels():
+            cols[level.name] = names[codes[:, RANK_INDEX[level.name]]].tolist()
+    else:
+        anc = taxonomy.ancestor_table()[nodes]
+        for level in taxonomy.levels():
+            cols[level.name] = names[anc[:, int(level.name.removeprefix("depth"))]].tolist()
+    return cols
+
+
+def _fill_answer(taxonomy: Taxonomy, metric: str, candidates: list[str]) -> str:
+    """The candidate with the least mean distance to the labels: min-risk under a uniform label prior."""
+    d = distance_matrix(taxonomy, metric, rows=taxonomy.labels, cols=candidates)
+    return candidates[int(d.mean(axis=0).argmin())]
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, out: str | Path,
+            decision: str = "argmax", candidates: str | Path | Sequence[str] | None = None,
+            thresholds: str | Mapping | float | None = None, ood: str | None = None,
+            ood_threshold: float | None = None, ood_tpr: float | None = None, tta=None, fmt: str = "csv",
+            batch_size: int = 64, device: str = "auto", ensemble_mode: str = "arithmetic",
+            weights: Sequence[float] | None = None, progress: bool = True, selective_threshold: float | None = None,
+            ood_fallback_level: str | int | float | None = "auto", tta_mode: str = "mean_probs",
+            split: str | None = None, num_workers: int = -1, fill_unreadable: bool = False) -> PredictSummary:
+    """Predict every image of `images` with one checkpoint or an ensemble, and write `out`.
+
+    Args:
+        checkpoints: checkpoint files or run directories (→ their best checkpoint). Several = an ensemble:
+            same labels and taxonomy required; each member uses its own preprocessing, temperature and TTA
+            views; probabilities are combined with `decide.combine_probs(weights, ensemble_mode)`.
+        images: a folder (recursive), a CSV with a `path` column relative to its folder (other columns are
+            kept), or a dataset directory (`split` keeps one split).
+        decision: `argmax`, `min-risk`, `backoff` or `selective` (`decide.decide`).
+        candidates: `None` (training labels for argmax/min-risk, every node for backoff/selective; the
+            training labels for every rule with `fmt='kaggle'`), `all`, `fathomnet2025`, a file or a list.
+        thresholds: backoff thresholds, `species=0.6,…`, a dict or one number (default: the config ladder).
+        selective_threshold: the selective rule's P(answer) target (default: `thresholds` when it is one
+            number, else 0.5).
+        ood: an OOD method stored with the checkpoint(s) (`msp`, `max-logit`, `energy`, `mahalanobis`, `knn`):
+            adds `ood_score` and `unknown` columns. An example is unknown when its score ≥ the threshold:
+            `ood_threshold` (one checkpoint only), else the threshold keeping `ood_tpr` (default 0.95) of the
+            known validation examples. With an ensemble, `ood_score` is the members' mean of (score − own
+            threshold) and unknown means ≥ 0. With min-risk, backoff or selective an unknown's answer falls
+            back to the deepest ancestor at or above `ood_fallback_level` (`auto`: order for ranked trees,
+            depth 1 otherwise) that is a candidate (`decide.ood_fallback`); argmax answers are only flagged.
+        tta: None, True (`DEFAULT_TTA`), a spec (`parse_tta`) or a list of `View`s; `tta_mode` merges views.
+        fmt: `csv` — `path,prediction,confidence`, one column per rank (or depth), `expected_distance`,
+            [`ood_score,unknown`], then the input's other columns; unreadable images get no row.
+            `kaggle` — `annotation_id,concept_name` for every input row, validated before writing; an
+            unreadable image is an error unless `fill_unreadable` (then it gets the candidate with the least
+            mean distance to the labels, and the summary says how many).
+
+    Returns a `PredictSummary`. The output is written atomically.
+    """
+    from taxonomist.inference.calibrate import check_tpr
+    from taxonomist.train.checkpoint import read_metadata, resolve_checkpoint, taxonomy_from_json
+    from taxonomist.train.loop import configure_threads, select_device
+
+    start = time.time()
+    # every option is checked before a model runs: a typo must not cost a pass over the images
+    for value, allowed, what in ((decision, DECISIONS, "decision"), (fmt, FORMATS, "format"),
+                                 (ensemble_mode, COMBINE_MODES, "ensemble mode"), (tta_mode, VIEW_MODES, "TTA mode")):
+        if value not in allowed:
+            raise ConfigError(f"unknown {what} {value!r}{suggest(str(value), allowed)}; "
+                              f"choose one of {', '.join(allowed)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if not paths:
+        raise ConfigError("no checkpoint given")
+    ckpts = [resolve_checkpoint(p) for p in paths]
+    if weights is not None and len(weights) != len(ckpts):
+        raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
+    if ood_threshold is not None and ood_tpr is not None:
+        raise ConfigError("give either an OOD threshold or an OOD TPR, not both")
+    if (ood_threshold is not None or ood_tpr is not None) and not ood:
+        raise ConfigError("an OOD threshold or TPR needs an OOD method (--ood METHOD)")
+    if ood and ood_threshold is not None and len(ckpts) > 1:
+        raise ConfigError("an absolute OOD threshold fits one model's scores; with an ensemble use an OOD TPR")
+    if ood_tpr is not None:
+        check_tpr(ood_tpr)
+    meta0 = read_metadata(ckpts[0])
+    taxonomy = taxonomy_from_json(meta0["taxonomy"])
+    for ckpt in ckpts[1:]:
+        meta = read_metadata(ckpt)
+        if list(meta["labels"]) != list(meta0["labels"]):
+            raise ModelError(f"{ckpt}: its {len(meta['labels'])} labels differ from those of {ckpts[0]} "
+                             f"({len(meta0['labels'])} labels); ensemble members must share one label list")
+        if taxonomy_from_json(meta["taxonomy"]).hash != taxonomy.hash:
+            raise ModelError(f"{ckpt}: its taxonomy differs from that of {ckpts[0]}; ensemble members must share one")
+    metric = meta0.get("metric", "auto")
+    metric = default_metric(taxonomy) if metric in ("", "auto") else metric
+    if candidates is None and fmt == "kaggle":
+        candidates = ""  # a submission may only name labels the scorer knows
+    cand = None if candidates is None else candidate_nodes(taxonomy, candidates)
+    rule_thr = _rule_thresholds(decision, parse_thresholds(thresholds), selective_threshold, taxonomy)
+    fallback = _parse_fallback(ood_fallback_level, taxonomy) if ood else None
+    tta_views = _tta_views(tta)
+    images_in = read_images(images, split)
+    ids = _annotation_ids(images_in) if fmt == "kaggle" else None
+
+    dev = select_device(device)
+    configure_threads(0, dev, num_workers)
+    common, aligned, skipped = _run_members(ckpts, images_in, dev, tta_views, tta_mode, batch_size, num_workers,
+                                            progress)
+    if len(common) == 0:
+        path, reason = skipped[0]
+        raise DataError(f"{images_in.source}: no image could be read ({len(skipped)} unreadable; the first: "
+                        f"{path}: {reason})")
+    probs = aligned[0][0] if len(aligned) == 1 else combine_probs([a[0] for a in aligned], weights, ensemble_mode,
+                                                                  kind="probs")
+    nodes = decide(probs, taxonomy, decision, candidates=cand, metric=metric, thresholds=rule_thr).nodes.copy()
+    ood_score = unknown = None
+    if ood:
+        ood_score, unknown = _flag_unknowns(ckpts, aligned, ood, ood_threshold, ood_tpr)
+        if decision != "argmax" and unknown.any():
+            nodes = ood_fallback(nodes, unknown, taxonomy, fallback, probs=probs, candidates=cand)
+
+    n_filled = 0
+    if fmt == "kaggle":
+        answers = np.full(len(images_in.rows), "", dtype=object)
+        answers[common] = [taxonomy.names[n] for n in nodes]
+        allowed = cand if cand is not None else list(taxonomy.labels)
+        if skipped:
+            if not fill_unreadable:
+                path, reason = skipped[0]
+                raise DataError(f"{images_in.root / path}: {reason}; --format kaggle needs an answer for every "
+                                f"annotation ({len(skipped)} unreadable image(s)); fix them or pass "
+                                "--fill-unreadable")
+            missing = np.setdiff1d(np.arange(len(images_in.rows)), common)
+            answers[missing] = _fill_answer(taxonomy, metric, list(allowed))
+            n_filled = len(missing)
+        frame = pd.DataFrame({"annotation_id": ids, "concept_name": answers})
+        check_kaggle_submission(frame, ids, allowed)
+    else:
+        frame = _decisions_table(images_in, common, probs, nodes, taxonomy, metric, ood_score, unknown)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
+    return PredictSummary(out, len(images_in.rows), len(common), skipped,
+                          None if unknown is None else int(unknown.sum()), n_filled, time.time() - start, decision,
+                          ckpts, tuple(v.name for v in tta_views) if tta_views else (), fmt)
+
+
+def _rule_thresholds(decision: str, thr, selective_threshold: float | None, taxonomy: Taxonomy):
+    """The `thresholds` argument of `decide` for the rule, validated against the taxonomy."""
+    from taxonomist.decide import node_thresholds
+
+    if decision == "selective":
+        if isinstance(thr, Mapping):
+            raise ConfigError("--thresholds RANK=P applies to backoff; the selective rule takes one number "
+                              "(--selective-threshold P)")
+        value = selective_threshold if selective_threshold is not None else (thr if thr is not None else 0.5)
+        node_thresholds(taxonomy, value)  # the same check as a one-number threshold: a number in [0, 1]
+        return value
+    if selective_threshold is not None:
+        raise ConfigError("--selective-threshold applies to --decision selective only")
+    if decision == "backoff":
+        node_thresholds(taxonomy, thr)
+    return thr
+
+
+def _run_members(ckpts: list[Path], images_in: ImageInput, dev, tta_views, tta_mode: str, batch_size: int,
+                 num_workers: int, progress: bool):
+    """Run every member; return the row positions every member answered, each member's (probs, features, raw
+    logits) on those rows in that order, and the skipped images as (path, reason)."""
+    members, skipped_by_row = [], {}
+    for k, ckpt in enumerate(ckpts):
+        desc = "predict" if len(ckpts) == 1 else f"predict {k + 1}/{len(ckpts)}"
+        member, skipped = _run_member(ckpt, images_in, dev, tta_views, tta_mode, batch_size, num_workers, progress,
+                                      desc)
+        for s in skipped:
+            skipped_by_row.setdefault(int(s.index), (images_in.rows["path"].iloc[int(s.index)], s.reason))
+        members.append(member)
+    # an image unreadable for one member (the same file, so normally for all) is dropped for all
+    common = members[0].positions
+    for m in members[1:]:
+        common = np.intersect1d(common, m.positions)
+    common = np.sort(common)
+    aligned = []
+    for m in members:
+        where = {int(p): i for i, p in enumerate(m.positions)}
+        take = np.array([where[int(p)] for p in common], dtype=np.int64)
+        aligned.append((m.probs[take], m.features[take], m.logits[take]))
+    for p in np.setdiff1d(np.arange(len(images_in.rows)), common):
+        skipped_by_row.setdefault(int(p), (images_in.rows["path"].iloc[int(p)], "not predicted by every member"))
+    return common, aligned, [skipped_by_row[k] for k in sorted(skipped_by_row)]
+
+
+def _flag_unknowns(ckpts: list[Path], aligned: list, method: str, threshold: float | None, tpr: float | None):
+    """(ood_score, unknown): the raw score for one checkpoint; for an ensemble the mean margin over members."""
+    from taxonomist.inference.calibrate import load_ood_scorers
+    from taxonomist.inference.calibrate import ood_threshold as stored_threshold
+
+    scores, margins = [], []
+    for ckpt, (_, features, raw_logits) in zip(ckpts, aligned):
+        scorers = load_ood_scorers(ckpt)
+        if method not in scorers:
+            raise ModelError(f"{ckpt}: no {method!r} OOD statistics (stored: {', '.join(scorers) or 'none'}); "
+                             "`taxonomist train` calibrates checkpoints unless --no-calibrate")
+        s = scorers[method].score(features, raw_logits)
+        t = threshold if threshold is not None else stored_threshold(ckpt, method, tpr or DEFAULT_OOD_TPR)
+        scores.append(s)
+        margins.append(s - t)
+    if len(ckpts) == 1:
+        return scores[0], margins[0] >= 0
+    # members' scores live on different scales; their distances to their own thresholds are comparable
+    mean_margin = np.mean(margins, axis=0)
+    return mean_margin, mean_margin >= 0
+
+
+def _decisions_table(images_in: ImageInput, common: np.ndarray, probs: np.ndarray, nodes: np.ndarray,
+                     taxonomy: Taxonomy, metric: str, ood_score, unknown) -> pd.DataFrame:
+    """The csv output: path, prediction, confidence, levels, expected distance, OOD columns, input columns."""
+    answered = sorted(set(nodes.tolist()))
+    column = {n: i for i, n in enumerate(answered)}
+    dist = distance_matrix(taxonomy, metric, rows=taxonomy.labels, cols=[taxonomy.names[n] for n in answered])
+    exp_dist = expected_distance(probs, dist, np.array([column[n] for n in nodes.tolist()], dtype=np.int64))
+    frame = pd.DataFrame({"path": images_in.rows["path"].to_numpy()[common],
+                          "prediction": [taxonomy.names[n] for n in nodes],
+                          "confidence": np.round(_answer_probability(probs, taxonomy, nodes), 6)})
+    for name, values in _level_columns(taxonomy, nodes).items():
+        frame[name] = values
+    frame["expected_distance"] = np.round(exp_dist, 6)
+    if ood_score is not None:
+        frame["ood_score"] = np.round(ood_score, 6)
+        frame["unknown"] = unknown.astype(bool)
+    for col in images_in.rows.columns:
+        if col != "path":
+            frame[col if col not in frame.columns else f"{col}_input"] = images_in.rows[col].to_numpy()[common]
+    return frame
