@@ -47,7 +47,7 @@ class DemoResult:
         ]
         report = self.run_dir / "report.html"
         if report.exists():
-            lines.insert(-1, f"  report         {report}")
+            lines.append(f"  report         {report}")  # last: the one path to open
         return "\n".join(lines)
 
 
@@ -86,6 +86,11 @@ def run_demo(out_dir: str | Path = "runs/demo", device: str = "auto", overrides:
         shutil.rmtree(run_dir)
     log(f"3/4 fine-tuning {cfg.model.backbone} ({cfg.train.epochs} epochs at {cfg.data.image_size} px)")
     train(cfg, progress=progress, log=log)
-    log("4/4 evaluating the best checkpoint on the test split")
+    from taxonomist.inference.calibrate import calibrate_run
+    log("4/4 calibrating (temperature, OOD scores) and evaluating the best checkpoint on the test split")
+    for calibration in calibrate_run(run_dir, device=device, progress=progress):
+        log(f"    {calibration.summary()}")
     ev = evaluate_run(run_dir, split="test", device=device, progress=progress)
+    from taxonomist.report import write_report
+    write_report([run_dir], run_dir / "report.html")
     return DemoResult(out_dir, data_dir, run_dir, ev.metrics, time.time() - start)

@@ -14,7 +14,7 @@ Keys (defaults shown by `taxonomist train --print-config`): data.root, data.imag
 (flat|multirank|two_stream), model.finetune (full|linear|last_n|lora), loss.name (ce|focal|soft_labels),
 loss.distance_weight, train.epochs, train.batch_size, train.lr, train.device, train.seed, out, …
 The run directory gets config.yaml, taxonomy.csv, checkpoints/, metrics.csv, then (after training)
-metrics.json and predictions.csv from an evaluation of the best checkpoint.
+metrics.json, predictions.csv and report.html from an evaluation of the best checkpoint.
 """
 
 
@@ -31,6 +31,9 @@ def register(sub, formatter):
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image, naming it (default: skip it and list it)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation of the best checkpoint after training")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip fitting the temperature (val rows) and the OOD scores (train rows) of the best and "
+                        "last checkpoints after training")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(func=run)
 
@@ -49,6 +52,13 @@ def run(args) -> int:
         from taxonomist.train.kfold import train_kfold
         result = train_kfold(cfg, progress=progress, resume=args.resume)
         print(result.summary())
+        if not args.no_calibrate:
+            from taxonomist.inference.calibrate import calibrate_run
+            for fold in result.folds:
+                for calibration in calibrate_run(fold.run_dir, device=cfg.train.device,
+                                                 batch_size=cfg.train.batch_size,
+                                                 num_workers=cfg.data.num_workers, progress=progress):
+                    print(calibration.summary())
         return 0
     from taxonomist.train import train
     result = train(cfg, progress=progress, resume=args.resume)
@@ -56,9 +66,16 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"best {result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run directory: {result.run_dir}")
+    if not args.no_calibrate:
+        from taxonomist.inference.calibrate import calibrate_run
+        for calibration in calibrate_run(result.run_dir, device=cfg.train.device, batch_size=cfg.train.batch_size,
+                                         num_workers=cfg.data.num_workers, progress=progress):
+            print(calibration.summary())
     if not args.no_eval:
         from taxonomist.evaluate.run import evaluate_run
         ev = evaluate_run(result.run_dir, device=cfg.train.device, batch_size=cfg.train.batch_size,
                           num_workers=cfg.data.num_workers, progress=progress)
         print(ev.summary())
+        from taxonomist.report import write_report
+        print(f"report: {write_report([ev.out_dir], ev.out_dir / 'report.html')}")
     return 0

@@ -1,46 +1,64 @@
 """Evaluate a trained run (or checkpoint) on a dataset split: metrics.json and predictions.csv.
 
-The model is run once; every figure comes from the resulting arrays through `evaluate.metrics`.
+The model is run once over the split (and over the `ood` rows when OOD scorers exist); every figure then
+comes from the resulting arrays through `evaluate.outputs`.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
-from taxonomist.config import load_config
-from taxonomist.data.dataset import load_dataset
-from taxonomist.errors import DataError
-from taxonomist.evaluate.metrics import (classification_metrics, expected_calibration_error, level_matrices,
-                                         lineage_consistency)
-from taxonomist.taxonomy import distance_matrix
+from taxonomist.config import Config, load_config
+from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations
+from taxonomist.errors import ConfigError, DataError
+from taxonomist.evaluate.outputs import evaluate_outputs
+from taxonomist.taxonomy import Taxonomy, write_taxonomy
 from taxonomist.utils.files import atomic_path, atomic_write_text
+
+#: The OOD threshold in use when a checkpoint's calibration stores several: the one keeping 95 % of known
+#: validation examples, as `taxonomist predict` uses by default.
+OOD_KNOWN_TPR = 0.95
 
 
 @dataclass
 class Evaluation:
+    """What `evaluate_run` wrote (metrics.json, predictions.csv in `out_dir`) and the model's raw outputs on the
+    split (`outputs`: logits, features, targets — e.g. to fit an OOD scorer on the train split)."""
+
     metrics: dict
     predictions: pd.DataFrame
     out_dir: Path
     split: str
+    outputs: object = None
 
     def summary(self) -> str:
         m = self.metrics
-        lines = [f"evaluated {m['n']} examples ({self.split} split) with metric {m['metric']}",
+        decision = "" if m.get("decision", "argmax") == "argmax" else f", decision {m['decision']}"
+        lines = [f"evaluated {m['n']} examples ({self.split} split) with metric {m['metric']}{decision}",
                  f"  mean hierarchical distance  {m['mhd']:.3f}",
                  f"  top-1                       {m['top1']:.3f}",
                  f"  macro-F1                    {m['macro_f1']:.3f}",
                  f"  hierarchical accuracy       {m['hierarchical_accuracy']:.3f}"]
+        if "argmax" in m:
+            lines.append(f"  (argmax: MHD {m['argmax']['mhd']:.3f}, top-1 {m['argmax']['top1']:.3f})")
         for level, v in m["per_rank"].items():
             lines.append(f"  {level:<12} top-1 {v['top1']:.3f}  top-5 {v['top5']:.3f}  n={v['n']}")
+        for method, v in (m.get("ood") or {}).items():
+            lines.append(f"  OOD {method:<8} AUROC {v['auroc']:.3f}  FPR95 {v['fpr95']:.3f}")
         return "\n".join(lines)
 
 
 def _rows_for_split(dataset, run_dir: Path | None, split: str):
     frame = dataset.annotations
+    if split == "ood":
+        raise ConfigError("the ood rows hold taxa the model never learnt; evaluate the test (or val) split — "
+                          "the ood rows are then scored as unknowns when the checkpoint has OOD scorers")
     if "split" in frame.columns and split in set(frame["split"]):
         return frame[frame["split"] == split], split
     if split in ("test", "val"):
@@ -55,29 +73,76 @@ def _rows_for_split(dataset, run_dir: Path | None, split: str):
     raise DataError(f"{dataset.root}: no rows with split {split!r}")
 
 
+def _open_dataset(root: str | Path, taxonomy: Taxonomy) -> Dataset:
+    """The dataset under the model's taxonomy. Not `load_dataset`: the `ood` rows name taxa the model's
+    taxonomy may lack, and only the evaluated split has to be known (checked by the caller)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset directory not found")
+    return Dataset(root, read_annotations(root / ANNOTATIONS), taxonomy)
+
+
+def _decision_settings(run_cfg: Config | None, taxonomy: Taxonomy, decision, candidates, thresholds):
+    """The rule, candidate names and thresholds: the arguments, else the run's `decide` config."""
+    from taxonomist.decide import DECISIONS, candidate_nodes
+    from taxonomist.taxonomy import suggest
+    dcfg = run_cfg.decide if run_cfg is not None else Config().decide
+    rule = decision or dcfg.decision or "argmax"
+    if rule not in DECISIONS:
+        raise ConfigError(f"unknown decision {rule!r}{suggest(str(rule), DECISIONS)}; "
+                          f"choose one of {', '.join(DECISIONS)}")
+    spec = dcfg.candidates if candidates is None else candidates
+    names = candidate_nodes(taxonomy, spec) if spec else None
+    if thresholds is None and rule == "backoff" and taxonomy.has_ranks:
+        thresholds = dict(dcfg.thresholds)  # per rank; an unranked tree keeps the per-depth defaults
+    return rule, (str(spec) if spec else ""), names, thresholds
+
+
+def _checkpoint_ood(ckpt: Path) -> tuple[dict, dict, str | None]:
+    """(scorers, thresholds in use, note) from the checkpoint's calibration, or a note saying why none."""
+    try:
+        from taxonomist.inference.calibrate import load_ood_scorers, ood_threshold
+    except ImportError:
+        return {}, {}, "OOD not evaluated: taxonomist.inference.calibrate is not available"
+    scorers = load_ood_scorers(ckpt)
+    if not scorers:
+        return {}, {}, (f"OOD not evaluated: {ckpt.name} has no fitted OOD scorers "
+                        f"(no {ckpt.stem}.ood.safetensors; calibrate the checkpoint first)")
+    return scorers, {m: ood_threshold(ckpt, m, OOD_KNOWN_TPR) for m in scorers}, None
+
+
 def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",
                  out: str | Path | None = None, device: str = "auto", batch_size: int = 64,
-                 num_workers: int = -1, progress: bool = True) -> Evaluation:
+                 num_workers: int = -1, progress: bool = True, decision: str | None = None,
+                 candidates: str | list[str] | None = None, thresholds: Mapping | float | None = None,
+                 ood_scorers: Mapping | None = None) -> Evaluation:
     """Run the checkpoint over `split` of the dataset and write metrics.json + predictions.csv into `out`
     (default: the run directory). `split` falls back to the validation rows when the dataset has no test split.
+
+    Args:
+        decision, candidates, thresholds: the decision rule (`argmax`, `min-risk`, `backoff`, `selective`),
+            its candidate set (`candidate_nodes` spec) and thresholds; default: the run's `decide` config.
+        ood_scorers: fitted `OODScorer`s by method; default: those stored beside the checkpoint
+            (`best.ood.safetensors`). With scorers and `ood` rows in the dataset, metrics.json gets `ood`.
     """
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from taxonomist.decide import apply_temperature, softmax
     from taxonomist.train.inference import run_inference
     from taxonomist.train.loop import configure_threads, select_device
 
     ckpt = resolve_checkpoint(run_or_checkpoint)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    cfg_file = run_dir / "config.yaml" if run_dir else None
+    run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
     dev = select_device(device)
     configure_threads(0, dev, num_workers)
     model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev))
     if data is None:
-        cfg_file = run_dir / "config.yaml" if run_dir else None
-        if not cfg_file or not cfg_file.is_file():
+        if run_cfg is None or not run_cfg.data.root:
             raise DataError("no dataset given: pass --data DATASET")
-        data = load_config(cfg_file).data.root
-    dataset = load_dataset(data, taxonomy)
+        data = run_cfg.data.root
+    rule, spec, cand_names, thr = _decision_settings(run_cfg, taxonomy, decision, candidates, thresholds)
+    dataset = _open_dataset(data, taxonomy)
     rows, used_split = _rows_for_split(dataset, run_dir, split)
     rows = rows[rows["label"] != ""]
     unknown = sorted(set(rows["label"]) - set(taxonomy.labels))
@@ -87,7 +152,9 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     if rows.empty:
         raise DataError(f"{dataset.root}: no labelled rows in the {used_split} split")
 
-    from taxonomist.config import Config
+    labels = list(taxonomy.labels)
+    label_index = {lab: i for i, lab in enumerate(labels)}
+
     cfg = Config()
     cfg.data.image_size = int(meta["image_size"])
     cfg.data.resize = meta["data"]["resize"]
@@ -95,48 +162,78 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     cfg.augment.crop_pct = meta["data"]["crop_pct"]
     pre = meta["preprocessing"]
     tf = build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
-    two_stream = meta["head"] == "two_stream"
-    labels = list(taxonomy.labels)
-    label_index = {lab: i for i, lab in enumerate(labels)}
-    ds = TaxonDataset(dataset, rows, tf, context_transform=tf if two_stream else None, with_context=two_stream,
-                      label_index=label_index, path_column=meta["data"].get("input", "path"))
-    loader = build_loader(ds, batch_size, train=False, num_workers=num_workers)
-    res = run_inference(model, loader, dev, progress=progress, desc="evaluate")
-    temperature = float(meta.get("temperature", 1.0))
-    probs = apply_temperature(res.logits, temperature)
-    metric = meta.get("metric", "lca")
-    D = distance_matrix(taxonomy, metric, labels, labels)
-    m = classification_metrics(probs, res.targets, taxonomy, D)
-    # `ece` is measured on the probabilities the model reports (after its temperature, when it has one)
-    raw = softmax(res.logits)
-    m["ece"] = m["ece_uncalibrated"]
-    m["ece_uncalibrated"] = expected_calibration_error(raw.max(1), raw.argmax(1) == res.targets)
-    m["temperature"] = temperature
-    m["metric"] = metric
-    m["split"] = used_split
-    m["checkpoint"] = str(ckpt)
-    m["taxonomy_hash"] = taxonomy.hash
-    m["epoch"] = meta.get("epoch")
-    if res.rank_logits:
-        preds = [res.rank_logits[name].argmax(1) for name, _, _ in level_matrices(taxonomy) if name in res.rank_logits]
-        if len(preds) == len(taxonomy.levels()):
-            m["consistency"] = lineage_consistency(preds, taxonomy)
 
-    pred = probs.argmax(1)
+    def infer(subset: pd.DataFrame, desc: str, allow_unknown: bool = False):
+        two_stream = meta["head"] == "two_stream"
+        ds = TaxonDataset(dataset, subset, tf, context_transform=tf if two_stream else None,
+                          with_context=two_stream, label_index=label_index, allow_unknown=allow_unknown,
+                          path_column=meta["data"].get("input", "path"))
+        loader = build_loader(ds, batch_size, train=False, num_workers=num_workers)
+        try:
+            return run_inference(model, loader, dev, progress=progress, desc=desc)
+        finally:
+            loader.close()
+
+    res = infer(rows, "evaluate")
+    notes = []
+    ood_scores, ood_thr = None, {}
+    ood_rows = dataset.annotations[dataset.annotations["split"] == "ood"] \
+        if "split" in dataset.annotations.columns else dataset.annotations.iloc[:0]
+    if ood_rows.empty:
+        notes.append("OOD not evaluated: the dataset has no ood rows (taxonomist data split --ood-taxa N)")
+    else:
+        if ood_scorers is None:
+            ood_scorers, ood_thr, note = _checkpoint_ood(ckpt)
+            if note:
+                notes.append(note)
+        if ood_scorers:
+            unk = infer(ood_rows, "evaluate ood", allow_unknown=True)
+            ood_scores = {method: (scorer.score(res.features, res.logits), scorer.score(unk.features, unk.logits))
+                          for method, scorer in ood_scorers.items()}
+
+    temperature = float(meta.get("temperature", 1.0))
+    metric = meta.get("metric", "lca")
+    result = evaluate_outputs(res.logits, res.targets, taxonomy, metric, temperature=temperature, decision=rule,
+                              candidates=cand_names, thresholds=thr, rank_logits=res.rank_logits,
+                              ood_scores=ood_scores, ood_thresholds=ood_thr)
+    m = result.metrics
+    out_dir = Path(out) if out else (run_dir or ckpt.parent)
+    m.update(split=used_split, candidates=spec, thresholds=thr, checkpoint=str(ckpt.resolve()),
+             run_dir=str(run_dir.resolve()) if run_dir else None, data=str(Path(data).resolve()),
+             taxonomy_hash=taxonomy.hash, epoch=meta.get("epoch"), group_level=_group_level(taxonomy))
+    m["notes"] = notes + m["notes"]
+    skipped = len(rows) - len(res.indices)
+    if skipped:
+        m["notes"].append(f"{skipped} unreadable image(s) were skipped")
+
     sub = rows.iloc[res.indices]
-    frame = pd.DataFrame({
-        "path": sub["path"].to_numpy(),
-        "label": [labels[t] for t in res.targets],
-        "prediction": [labels[p] for p in pred],
-        "confidence": probs[np.arange(len(pred)), pred].round(6),
-        "distance": D[res.targets, pred],
-    })
+    frame = pd.DataFrame({"path": sub["path"].to_numpy(), **result.columns})
     for col in ("annotation_id", "image_id"):
         if col in sub.columns:
             frame.insert(1, col, sub[col].to_numpy())
-    out_dir = Path(out) if out else (run_dir or ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(m, indent=1))
-    return Evaluation(m, frame, out_dir, used_split)
+    if run_dir is None or out_dir.resolve() != run_dir.resolve():
+        # the report reads lineages from the evaluation folder, which need not be a run directory
+        write_taxonomy(taxonomy, out_dir / "taxonomy.csv")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(m, indent=1, default=_json_default))
+    return Evaluation(m, frame, out_dir, used_split, res)
+
+
+def _group_level(taxonomy: Taxonomy) -> str | None:
+    from taxonomist.data.explore import top_level_groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        level = top_level_groups(taxonomy)
+    return level.name if level is not None else None
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,92 @@
+"""`taxonomist evaluate`: run a checkpoint over a dataset split → metrics.json, predictions.csv, report.html."""
+from __future__ import annotations
+
+EXAMPLE = """\
+examples:
+  taxonomist evaluate runs/first --data data/synth
+  taxonomist evaluate runs/first --data data/synth --decision min-risk --candidates all --out runs/first/min-risk
+  taxonomist evaluate runs/first/checkpoints/best.safetensors --data data/fungi --critical "Amanita phalloides"
+  taxonomist evaluate runs/first --data data/synth --decision backoff --thresholds species=0.6,genus=0.7
+
+Writes metrics.json (mhd, top1, log_loss, macro_f1, hierarchical_accuracy, per_rank, ece, ece_uncalibrated, n,
+per-label precision/recall/F1, ood when the dataset has ood rows and the checkpoint OOD scorers),
+predictions.csv (path,label,prediction,confidence,distance + label_/prediction_/confidence_<rank>) and the
+self-contained report.html into --out (default: the run directory). The decision defaults to the run's
+decide.* config (argmax unless set); the checkpoint's temperature, when calibrated, is applied first.
+"""
+
+
+def register(sub, formatter):
+    p = sub.add_parser("evaluate", help="evaluate a run on a dataset split → metrics.json, predictions.csv, report.html",
+                       description="Evaluate a trained run or checkpoint on a held-out split.", epilog=EXAMPLE,
+                       formatter_class=formatter)
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory or a .safetensors checkpoint")
+    p.add_argument("--data", metavar="DATASET", help="dataset directory (default: the run's data.root)")
+    p.add_argument("--split", default="test", help="split to evaluate (test falls back to val when there is none)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory)")
+    p.add_argument("--decision", choices=["argmax", "min-risk", "backoff", "selective"],
+                   help="decision rule (default: the run's decide.decision, else argmax)")
+    p.add_argument("--candidates", metavar="FILE|all|fathomnet2025",
+                   help="nodes the answers may be (default: the training labels; back-off and selective: every node)")
+    p.add_argument("--thresholds", metavar="RANK=P,…|P",
+                   help="back-off thresholds per rank or depth (species=0.55,genus=0.6), or selective's one threshold")
+    p.add_argument("--critical", nargs="+", action="extend", default=[], metavar="TAXON",
+                   help="taxa whose accuracy at every rank of their lineage the report details")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = chosen for the machine")
+    p.add_argument("--no-report", action="store_true", help="write metrics.json and predictions.csv only")
+    p.set_defaults(func=run)
+
+
+def parse_thresholds(text: str | None):
+    """`species=0.55,genus=0.6` → {rank: p}; `0.7` → 0.7; None → None."""
+    from taxonomist.errors import ConfigError
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        if "=" not in text:
+            return float(text)
+        out = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if not key.strip() or not value.strip():
+                raise ValueError(part)
+            out[key.strip()] = float(value)
+        return out
+    except ValueError:
+        raise ConfigError(f"--thresholds {text!r}: expected RANK=P,RANK=P (e.g. species=0.55,genus=0.6) "
+                          "or one number") from None
+
+
+def run(args) -> int:
+    import sys
+
+    from taxonomist.evaluate.run import evaluate_run
+
+    if args.critical and not args.no_report:
+        _check_critical(args.run, args.critical)  # before minutes of inference, not after
+    ev = evaluate_run(args.run, data=args.data, split=args.split, out=args.out, device=args.device,
+                      batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
+                      decision=args.decision, candidates=args.candidates,
+                      thresholds=parse_thresholds(args.thresholds))
+    print(ev.summary())
+    print(f"metrics      {ev.out_dir / 'metrics.json'}")
+    print(f"predictions  {ev.out_dir / 'predictions.csv'}")
+    if not args.no_report:
+        from taxonomist.report import write_report
+        report = write_report([ev.out_dir], ev.out_dir / "report.html", critical=args.critical)
+        print(f"report       {report}")
+    return 0
+
+
+def _check_critical(run_or_checkpoint: str, names: list[str]) -> None:
+    from taxonomist.errors import UnknownLabelError
+    from taxonomist.taxonomy import suggest
+    from taxonomist.train.checkpoint import read_metadata, resolve_checkpoint, taxonomy_from_json
+
+    taxonomy = taxonomy_from_json(read_metadata(resolve_checkpoint(run_or_checkpoint))["taxonomy"])
+    for name in names:
+        if name not in taxonomy:
+            raise UnknownLabelError(f"--critical {name!r} is not a taxon of the model{suggest(name, taxonomy.names)}")
