@@ -22,6 +22,7 @@ import numpy as np
 
 from taxonomist.decide import min_risk_decision, undominated_candidates
 from taxonomist.taxonomy import RANKS, Taxonomy, lca_distance
+from taxonomist.utils.system import cpu_name
 
 BRANCHING = (5, 4, 4, 5, 4, 5)  # children per node, kingdom → … → species
 
@@ -47,17 +48,6 @@ def synthetic_tree(n_labels: int, n_candidates: int, seed: int) -> tuple[Taxonom
     others = [s for s in species if s not in set(labels)]
     candidates = (internal + labels + others)[:n_candidates]
     return tax, candidates
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

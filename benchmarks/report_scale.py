@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import pandas as pd
 from taxonomist.evaluate.outputs import evaluate_outputs
 from taxonomist.report import write_report
 from taxonomist.taxonomy import RANKS, Taxonomy, write_taxonomy
+from taxonomist.utils.system import cpu_name
 
 FAN = (8, 3, 3, 3, 3)  # children per node from kingdom to genus; species fill the genera up to --labels
 N_IMAGES = 400
@@ -89,17 +89,6 @@ def write_images(root: Path, count: int, seed: int) -> list[str]:
         Image.fromarray(pixels).save(root / path, quality=85)
         paths.append(path)
     return paths
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

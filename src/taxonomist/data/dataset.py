@@ -62,27 +62,33 @@ class Dataset:
         return self.root / relative
 
 
-def read_annotations(path: str | Path) -> pd.DataFrame:
-    """Read and check `annotations.csv`: required columns, no empty paths, numeric boxes, known splits."""
+def read_csv_table(path: str | Path, what: str = "CSV", required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A UTF-8 CSV as a frame of stripped strings (empty cells are ""), with one-line errors for a missing,
+    non-UTF-8, empty or malformed file, a missing required column, or no rows below the header."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: annotations file not found")
+        raise DataError(f"{path}: {what} file not found")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file") from None
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: malformed CSV ({str(e).strip().splitlines()[-1]})") from None
-    frame.columns = [c.strip() for c in frame.columns]
-    for col in REQUIRED_COLUMNS:
+    frame.columns = [str(c).strip() for c in frame.columns]
+    for col in required:
         if col not in frame.columns:
             raise DataError(f"{path}: no {col!r} column (header: {','.join(frame.columns)})")
     if frame.empty:
         raise DataError(f"{path}: no rows below the header")
-    for col in frame.columns:
-        frame[col] = frame[col].str.strip()
+    return frame.apply(lambda column: column.str.strip())
+
+
+def read_annotations(path: str | Path) -> pd.DataFrame:
+    """Read and check `annotations.csv`: required columns, no empty paths, numeric boxes, known splits."""
+    path = Path(path)
+    frame = read_csv_table(path, "annotations", REQUIRED_COLUMNS)
     empty = frame.index[frame["path"] == ""]
     if len(empty):
         raise DataError(f"{path}: row {empty[0] + 2}: empty path")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from PIL import Image
 from taxonomist.data.dataset import load_dataset
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import Level, Taxonomy
-from taxonomist.utils.files import atomic_path, atomic_write_text
+from taxonomist.utils.files import atomic_path, atomic_write_json
 
 SUMMARY = "summary.json"
 #: plot key → file name; stable, because the HTML report embeds these files by name
@@ -140,7 +139,7 @@ def explore_dataset(dataset_root: str | Path, out_dir: str | Path, progress: boo
     plots = _write_plots(out, data, facts, frame)
     data["plots"] = {key: path.name for key, path in plots.items()}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SUMMARY, json.dumps(data, indent=2, default=_json_default) + "\n")
+    atomic_write_json(out / SUMMARY, data, indent=2)
     return ExploreSummary(out, data, plots)
 
 
@@ -453,17 +452,6 @@ def _unreadable(facts: dict) -> dict:
             "list": [{"path": facts["path"][i], "reason": facts["error"][i]} for i in bad[:MAX_LISTED]]}
 
 
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-# --------------------------------------------------------------------------------------------- plots
 def _write_plots(out: Path, data: dict, facts: dict, frame: pd.DataFrame) -> dict[str, Path]:
     """Write the PNGs that have something to show; matplotlib's Agg canvas, no pyplot global state."""
     from matplotlib.figure import Figure

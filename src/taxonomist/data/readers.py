@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from taxonomist.data.dataset import ANNOTATIONS, TAXONOMY, load_dataset, write_annotations
+from taxonomist.data.dataset import ANNOTATIONS, TAXONOMY, load_dataset, read_csv_table, write_annotations
 from taxonomist.errors import ConfigError, DataError, TaxonomyError
 from taxonomist.taxonomy import RANKS, Taxonomy, read_taxonomy, suggest, write_taxonomy
 from taxonomist.taxonomy.io import parse_taxonomy
@@ -212,7 +212,7 @@ def read_rank_csv(csv_path: str | Path, image_column: str | None = None, image_r
         ['Fungi', 'Basidiomycota', 'Agaricomycetes', 'Agaricales', 'Amanitaceae', 'Amanita', 'Amanita muscaria']
     """
     csv_path = Path(csv_path)
-    frame = _read_csv(csv_path)
+    frame = read_csv_table(csv_path)
     lower = {c.lower(): c for c in frame.columns}
 
     if image_column:
@@ -293,23 +293,6 @@ def read_rank_csv(csv_path: str | Path, image_column: str | None = None, image_r
     rows = [{"concept_name": lab, **{r: cells[i, k] for k, r in enumerate(ranks)}} for lab, i in first.items()]
     tax = parse_taxonomy(["concept_name", *ranks], rows, f"{csv_path} (rank columns)")
     return SourceTable(root, out, tax, f"rank columns of {csv_path.name}", notes, kind="rank-csv", csv_path=csv_path)
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"{path}: CSV file not found")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file") from None
-    except pd.errors.ParserError as e:
-        raise DataError(f"{path}: malformed CSV ({str(e).strip().splitlines()[-1]})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if frame.empty:
-        raise DataError(f"{path}: no rows below the header")
-    return frame.apply(lambda s: s.str.strip())
 
 
 def _check_lineages(path: Path, cells: np.ndarray, named: np.ndarray, ranks: list[str], columns: list[str]) -> None:

@@ -5,13 +5,11 @@ comes from the resulting arrays through `evaluate.outputs`.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import pandas as pd
 
 from taxonomist.config import Config, load_config
@@ -19,7 +17,7 @@ from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.evaluate.outputs import evaluate_outputs
 from taxonomist.taxonomy import Taxonomy, write_taxonomy
-from taxonomist.utils.files import atomic_path, atomic_write_text
+from taxonomist.utils.files import atomic_path, atomic_write_json
 
 #: The OOD threshold in use when a checkpoint's calibration stores several: the one keeping 95 % of known
 #: validation examples, as `taxonomist predict` uses by default.
@@ -217,7 +215,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     if run_dir is None or out_dir.resolve() != run_dir.resolve():
         # the report reads lineages from the evaluation folder, which need not be a run directory
         write_taxonomy(taxonomy, out_dir / "taxonomy.csv")
-    atomic_write_text(out_dir / "metrics.json", json.dumps(m, indent=1, default=_json_default))
+    atomic_write_json(out_dir / "metrics.json", m)
     return Evaluation(m, frame, out_dir, used_split, res)
 
 
@@ -227,13 +225,3 @@ def _group_level(taxonomy: Taxonomy) -> str | None:
         warnings.simplefilter("ignore")
         level = top_level_groups(taxonomy)
     return level.name if level is not None else None
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

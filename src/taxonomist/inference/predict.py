@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations
+from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations, read_csv_table
 from taxonomist.decide import (COMBINE_MODES, DECISIONS, VIEW_MODES, ancestor_operator, apply_temperature,
                                candidate_nodes, combine_probs, decide, expected_distance, ood_fallback, softmax)
 from taxonomist.errors import ConfigError, DataError, ModelError, SubmissionError
@@ -69,20 +69,7 @@ def read_images(images: str | Path, split: str | None = None) -> ImageInput:
 
 
 def _read_image_csv(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file") from None
-    except pd.errors.ParserError as e:
-        raise DataError(f"{path}: malformed CSV ({str(e).strip().splitlines()[-1]})") from None
-    frame.columns = [c.strip() for c in frame.columns]
-    if "path" not in frame.columns:
-        raise DataError(f"{path}: no 'path' column (header: {','.join(frame.columns)})")
-    if frame.empty:
-        raise DataError(f"{path}: no rows below the header")
-    frame["path"] = frame["path"].str.strip()
+    frame = read_csv_table(path, "image list", ("path",))
     empty = np.flatnonzero(frame["path"].to_numpy() == "")
     if len(empty):
         raise DataError(f"{path}: row {empty[0] + 2}: empty path")

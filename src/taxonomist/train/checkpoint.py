@@ -12,7 +12,7 @@ from typing import Any
 from taxonomist.errors import ModelError
 from taxonomist.taxonomy import Taxonomy
 from taxonomist.taxonomy.io import parse_taxonomy
-from taxonomist.utils.files import atomic_path, atomic_write_text
+from taxonomist.utils.files import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
 
@@ -42,7 +42,7 @@ def save_checkpoint(path: str | Path, model, metadata: dict[str, Any]) -> Path:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
     meta = {"format_version": FORMAT_VERSION, **metadata}
-    atomic_write_text(metadata_path(path), json.dumps(meta, indent=1, default=_json_default))
+    atomic_write_json(metadata_path(path), meta)
     return path
 
 
@@ -113,16 +113,3 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
 def _unwrap(model):
     model = getattr(model, "module", model)        # DistributedDataParallel
     return getattr(model, "_orig_mod", model)      # torch.compile
-
-
-def _json_default(value):
-    import numpy as np
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    return str(value)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 import random
@@ -509,7 +508,3 @@ def load_history(run_dir: str | Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))

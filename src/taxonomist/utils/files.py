@@ -47,3 +47,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_value(value):
+    """`json.dumps` default for the values our outputs hold: numpy scalars and arrays, tuples, sets, paths."""
+    import numpy as np
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def atomic_write_json(path: str | Path, data, indent: int = 1) -> Path:
+    """Write `data` as JSON atomically, converting numpy values on the way."""
+    import json
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=json_value) + "\n")
