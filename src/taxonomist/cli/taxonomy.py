@@ -1,7 +1,6 @@
 """`taxonomist taxonomy resolve|distances`: build a taxonomy from names, write distance matrices."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
