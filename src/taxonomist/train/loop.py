@@ -242,8 +242,10 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print) -
         from taxonomist.data.loading import ResizedCache, default_cache_size
         size = default_cache_size(cfg.data.image_size, cfg.augment.crop_pct)
         if is_main:  # one process decodes; the others map the finished file
+            # the eval transform's interpolation: small images (PlanktonSet's median side is 54 px) are
+            # upscaled here, and evaluation without the cache must see the same pixels training saw
             ResizedCache.build(dataset, dataset.annotations, cfg.data.cache, size=size, resize=cfg.data.resize,
-                               progress=progress)
+                               interpolation=pre.get("interpolation", "bicubic"), progress=progress)
         if world > 1:
             import torch.distributed as dist
             dist.barrier()

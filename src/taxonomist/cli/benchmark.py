@@ -1,0 +1,54 @@
+"""`taxonomist benchmark`: ceiling, taxonomist and baseline throughput in one run → table + JSON
+(`taxonomist.benchmark.run_benchmark`)."""
+from __future__ import annotations
+
+EXAMPLE = """\
+examples:
+  taxonomist benchmark --device cpu --out b.json
+  taxonomist benchmark --device cuda --model convnext_tiny --image-size 288 --batch-size 128 --steps 20 --out gpu.json
+
+Measures, with the same model, batch size, image size and device:
+  ceiling     model-only train step (fwd + bwd + AdamW) and inference on synthetic tensors on the device
+  taxonomist  the project's train and predict paths from ROI JPEGs it writes to a temp folder
+              (TaxonDataset + build_loader + build_transforms; on CUDA nvJPEG decode + GPU resize/flips,
+              bf16 autocast, channels_last); predict ends in the min-risk decision
+  baseline    PIL + torchvision.transforms v1 in a DataLoader with the same workers, default torch threads
+and min-risk over --decision-candidates × --decision-images. See docs/performance.md.
+"""
+
+
+def register(sub, formatter):
+    p = sub.add_parser("benchmark", help="throughput against the model-only ceiling and a naive baseline",
+                       description="Measure train/predict img/s: model-only ceiling, taxonomist, naive baseline.",
+                       epilog=EXAMPLE, formatter_class=formatter)
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone name")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--steps", type=int, default=3, help="timed batches per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches before the timed ones")
+    p.add_argument("--workers", type=int, default=-1, help="loader workers; -1 = chosen for the machine")
+    p.add_argument("--decision-images", type=int, default=100_000, help="images for the min-risk timing")
+    p.add_argument("--decision-candidates", type=int, default=10_000, help="candidates for the min-risk timing")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="also write the figures as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from taxonomist.benchmark import BenchmarkConfig, format_table, run_benchmark
+    from taxonomist.utils.files import atomic_write_text
+
+    bc = BenchmarkConfig(model=args.model, device=args.device, image_size=args.image_size,
+                         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                         num_workers=args.workers, decision_images=args.decision_images,
+                         decision_candidates=args.decision_candidates)
+    result = run_benchmark(bc, log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(result))
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
