@@ -74,7 +74,7 @@ PRESETS = {
                   feature_batch_size=256, head_epochs=60, finetune=(
                       "model.finetune=full", "train.epochs=25", "train.batch_size=64", "train.lr=4e-4",
                       "train.layer_decay=0.8", "train.warmup_epochs=2", "train.ema=true",
-                      "augment.scale=0.25,1.0", "data.num_workers=12")),
+                      "augment.scale=0.25,1.0")),
 }
 
 
@@ -114,7 +114,7 @@ VARIANTS = {
     "probe-rotaug-tta": ("scale", "head trained on 4 rotations + rot4 TTA"),
     "images": ("data", "image sizes, aspect ratios, grey channels (decides data.grayscale)"),
     "ood": ("ood", "held-out labels scored as unknowns"),
-    "finetune": ("main", "fine-tuned run"),
+    "finetune": ("main", "fine-tuned run (`taxonomist train`)"),
 }
 
 
@@ -138,6 +138,7 @@ class Context:
         self.device_name, self.workers, self.command = device, workers, command
         self._splits: dict[str, object] = {}
         self._features: dict[str, tuple[np.ndarray, dict[str, int]]] = {}
+        self._interpolation: str | None = None
         self.feature_seconds: dict[str, float] = {}
 
     # ---- splits
@@ -157,8 +158,8 @@ class Context:
         stamp = folder / "split.json"
         if not (stamp.is_file() and json.loads(stamp.read_text()) == settings):
             t0 = time.time()
-            summary = split_dataset(self.source, val=p.val, test=p.test, ood_taxa=settings["ood_taxa"], seed=self.seed,
-                                    out=folder)
+            summary = split_dataset(self.source, val=p.val, test=p.test, ood_taxa=settings["ood_taxa"],
+                                    seed=self.seed, out=folder)
             stamp.write_text(json.dumps(settings))
             log(f"split {key} in {time.time() - t0:.1f} s\n{summary}")
         with warnings.catch_warnings():
@@ -181,10 +182,11 @@ class Context:
 
     @property
     def interpolation(self) -> str:
+        """The backbone's own resampling (what training and evaluation use); the base of every feature set."""
         from taxonomist.models.backbones import create_backbone
-        if not hasattr(self, "_interp"):
-            self._interp = create_backbone(self.preset.backbone, 32, "none").preprocessing["interpolation"]
-        return self._interp
+        if self._interpolation is None:
+            self._interpolation = create_backbone(self.preset.backbone, 32, "none").preprocessing["interpolation"]
+        return self._interpolation
 
     def features(self, spec: FeatureSet) -> tuple[np.ndarray, dict[str, int]]:
         """(views, N, F) float32 features and {physical path: row}, extracted once per setting."""
@@ -210,7 +212,8 @@ class Context:
                     "views": list(spec.views), "spec": dataclasses.asdict(spec)}
             index_file.write_text(json.dumps(meta))
             self.feature_seconds[name] = seconds
-            log(f"features {name}: {array.shape} in {seconds:.0f} s ({array.shape[0] * len(rows) / seconds:.0f} img/s)")
+            rate = array.shape[0] * len(rows) / seconds
+            log(f"features {name}: {array.shape} in {seconds:.0f} s ({rate:.0f} img/s)")
         index = {p: i for i, p in enumerate(meta["paths"])}
         self._features[name] = (array, index)
         return self._features[name]
@@ -274,6 +277,7 @@ def extract_features(dataset, rows, spec: FeatureSet, preset: Preset, device_nam
 def train_head(x: np.ndarray, y: np.ndarray, taxonomy, preset: Preset, seed: int, distance_weight: float = 0.0,
                class_weights: str = "none", sampler_power: float = 0.0):
     """A `FlatHead` trained on fixed features with the library's loss; returns a logits function."""
+    import pandas as pd
     import torch
 
     from taxonomist.config import LossConfig
@@ -281,8 +285,6 @@ def train_head(x: np.ndarray, y: np.ndarray, taxonomy, preset: Preset, seed: int
     from taxonomist.losses import build_loss
     from taxonomist.models.heads import FlatHead
     from taxonomist.taxonomy import distance_matrix
-
-    import pandas as pd
     labels = list(taxonomy.labels)
     torch.manual_seed(seed)
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6  # standardised inputs: one learning rate suits every unit
@@ -362,6 +364,7 @@ def decision_rows(probs: np.ndarray, y: np.ndarray, taxonomy, selective) -> list
     anc, depths, truth = taxonomy.ancestor_table(), taxonomy.depths, taxonomy.label_indices[y]
     rules = [("argmax", "labels", None), ("min-risk", "labels", None), ("min-risk", "all nodes", None)]
     rules += [("selective", "all nodes", t) for t in selective]
+    d_argmax = d_all[y, taxonomy.label_indices[probs.argmax(axis=1)]]
     out = []
     for rule, cands, threshold in rules:
         t0 = time.time()
@@ -369,8 +372,11 @@ def decision_rows(probs: np.ndarray, y: np.ndarray, taxonomy, selective) -> list
                    thresholds=threshold)
         nodes = d.nodes
         on_lineage = anc[truth, depths[nodes]] == nodes
+        diff = d_all[y, nodes] - d_argmax  # paired with argmax on the same images: its standard error is small
         out.append({"rule": rule, "candidates": cands, "threshold": threshold,
-                    "mhd": float(d_all[y, nodes].mean()), "exact": float((nodes == truth).mean()),
+                    "mhd": float(d_all[y, nodes].mean()), "mhd_vs_argmax": float(diff.mean()),
+                    "mhd_vs_argmax_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
+                    "exact": float((nodes == truth).mean()),
                     "hier_error": float((~on_lineage).mean()),
                     "coverage": float(hierarchical_coverage(taxonomy, nodes).mean()),
                     "label_share": float(np.isin(nodes, taxonomy.label_indices).mean()),
@@ -381,7 +387,12 @@ def decision_rows(probs: np.ndarray, y: np.ndarray, taxonomy, selective) -> list
 # --------------------------------------------------------------------------------------------- variants
 def probe_row(ctx: Context, variant: str) -> dict:
     """One linear-probe row: which features, which head, which test-time treatment."""
-    from taxonomist.decide import aggregate_views, fit_temperature
+    from taxonomist.decide import (
+        aggregate_views,
+        expected_calibration_error,
+        fit_temperature,
+    )
+    from taxonomist.evaluate.metrics import log_loss
 
     p = ctx.preset
     sp = ctx.split()
@@ -428,12 +439,14 @@ def probe_row(ctx: Context, variant: str) -> dict:
         prior = np.log(np.bincount(y_train, minlength=len(tax.labels)) / len(y_train))
         val_logits, test_logits = val_logits - p.logit_adjust_tau * prior, test_logits - p.logit_adjust_tau * prior
     temperature = fit_temperature(val_logits, y_val)
-    if len(test_logits) > 1:  # TTA: calibrated probabilities averaged over the views
-        logits, temperature_used = np.log(np.maximum(aggregate_views(test_logits / temperature, "mean_probs"),
-                                                     1e-300)), 1.0
+    if len(test_logits) > 1:  # TTA: calibrated probabilities averaged over the views (T applied per view)
+        merged = np.log(np.maximum(aggregate_views(test_logits / temperature, "mean_probs"), 1e-300))
+        row = score(merged, y_test, tax, 1.0, p.selective_thresholds)
+        raw = aggregate_views(test_logits, "mean_probs")  # the same views without the temperature
+        row["ece_uncalibrated"] = expected_calibration_error(raw.max(axis=1), raw.argmax(axis=1) == y_test)
+        row["log_loss_uncalibrated"] = log_loss(raw, y_test)
     else:
-        logits, temperature_used = test_logits[0], temperature
-    row = score(logits, y_test, tax, temperature_used, p.selective_thresholds, decisions=variant == "probe")
+        row = score(test_logits[0], y_test, tax, temperature, p.selective_thresholds, decisions=variant == "probe")
     row["temperature"] = temperature
     used = {train_spec.name, test_spec.name}
     if "rot" in variant or "tta" in variant:
@@ -484,7 +497,12 @@ def images_row(ctx: Context) -> dict:
 
 def ood_row(ctx: Context) -> dict:
     """A head trained without the held-out labels; five OOD scores of test (known) vs ood (unknown) rows."""
-    from taxonomist.decide import build_ood_scorer, fit_temperature, ood_metrics, threshold_metrics
+    from taxonomist.decide import (
+        build_ood_scorer,
+        fit_temperature,
+        ood_metrics,
+        threshold_metrics,
+    )
     from taxonomist.inference.calibrate import KNN_MAX_BANK, known_threshold
 
     p = ctx.preset
@@ -514,8 +532,12 @@ def ood_row(ctx: Context) -> dict:
             "feature_seconds": ctx.feature_seconds[base.name]}
 
 
-def finetune_row(ctx: Context, tta: str = "rot4") -> dict:
-    """`taxonomist train` (cached, pre-resized images), `calibrate_run`, `evaluate_run` on test, rules, TTA."""
+def finetune_row(ctx: Context, previous: dict | None = None, tta: str = "rot4") -> dict:
+    """`taxonomist train` (cached, pre-resized images), `calibrate_run`, `evaluate_run` on test, rules, TTA.
+
+    A complete run already in OUT is reused (its training wall time from `previous`, the row this OUT
+    recorded, else the sum of its epochs' times); calibration, evaluation and TTA are redone.
+    """
     import torch
 
     from taxonomist.config import load_config
@@ -540,7 +562,7 @@ def finetune_row(ctx: Context, tta: str = "rot4") -> dict:
     history = load_history(run_dir)
     if len(history) == cfg.train.epochs and (run_dir / "checkpoints" / "best.safetensors").is_file():
         log(f"{run_dir}: training already complete; reusing it")
-        times["train_s"] = float(sum(h["seconds"] for h in history))
+        times["train_s"] = float((previous or {}).get("times", {}).get("train_s") or sum(h["seconds"] for h in history))
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -595,8 +617,8 @@ def to_markdown(results: dict) -> str:
     rows = results["rows"]
     m = results["machine"]
     lines = [f"# PlanktonSet benchmark ({results['preset']} preset)", "",
-             f"{m['device']} ({m['cpu']}, {m['cores']} cores), torch {m['torch']}; seed {results['seed']}. "
-             f"Test split of the seeded 70/15/15 split unless said otherwise.", ""]
+             (f"{m['device']} ({m['cpu']}, {m['cores']} cores), torch {m['torch']}; seed {results['seed']}. "
+             f"Test split of the seeded 70/15/15 split unless said otherwise."), ""]
     head = ("| row | setup | top-1 | macro-F1 | log loss (T) | log loss (T=1) | mean LCA | hier. acc. | "
             "ECE before → after | wall time |")
     sep = "|---|---|---|---|---|---|---|---|---|---|"
@@ -613,7 +635,12 @@ def to_markdown(results: dict) -> str:
             continue
         lines += [f"## {title}", "", head, sep]
         for n in names:
-            lines.append(line(n, rows[n], VARIANTS[n][1]))
+            what = VARIANTS[n][1]
+            if n == "finetune":
+                what += ": " + ", ".join(f"`{o}`" for o in rows[n]["overrides"])
+            elif n == "probe-small":
+                what += f" ({results['settings']['small_image_size']} px)"
+            lines.append(line(n, rows[n], what))
             if n == "finetune" and "tta" in rows[n]:
                 t = rows[n]["tta"]
                 lines.append(f"| `finetune` + {t['views']} TTA | same run, test-time views | {fmt(t['top1'])} | "
@@ -624,17 +651,21 @@ def to_markdown(results: dict) -> str:
     for n in ("probe", "finetune"):
         if n in rows and rows[n].get("decisions"):
             lines += [f"## Decisions on `{n}` (calibrated probabilities)", "",
-                      "| rule | candidates | threshold | mean LCA | exact | hierarchical error | coverage | label share |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      ("| rule | candidates | threshold | mean LCA | vs argmax (± s.e.) | exact | hierarchical error "
+                      "| coverage | label share |"),
+                      "|---|---|---|---|---|---|---|---|---|"]
             for d in rows[n]["decisions"]:
-                lines.append(f"| {d['rule']} | {d['candidates']} | {fmt(d['threshold'], 1) if d['threshold'] else '–'}"
-                             f" | {fmt(d['mhd'])} | {fmt(d['exact'])} | {fmt(d['hier_error'])} | "
+                threshold = fmt(d["threshold"], 1) if d["threshold"] else "–"
+                lines.append(f"| {d['rule']} | {d['candidates']} | {threshold}"
+                             f" | {fmt(d['mhd'])} | {d.get('mhd_vs_argmax', math.nan):+.3f} ± "
+                             f"{d.get('mhd_vs_argmax_se', math.nan):.3f} | "
+                             f"{fmt(d['exact'])} | {fmt(d['hier_error'])} | "
                              f"{fmt(d['coverage'])} | {fmt(d['label_share'])} |")
             lines.append("")
     if "ood" in rows:
         o = rows["ood"]
-        lines += ["## OOD", "", f"Held out: {', '.join(o['ood_labels'])} ({o['n_unknown']} images) vs "
-                  f"{o['n_known']} known test images; known top-1 {fmt(o['known_top1'])}.", "",
+        lines += ["## OOD", "", (f"Held out: {', '.join(o['ood_labels'])} ({o['n_unknown']} images) vs "
+                  f"{o['n_known']} known test images; known top-1 {fmt(o['known_top1'])}."), "",
                   "| score | AUROC | FPR95 | known kept / unknown flagged at --ood-tpr 0.95 |", "|---|---|---|---|"]
         for method, v in o["methods"].items():
             lines.append(f"| {method} | {fmt(v['auroc'])} | {fmt(v['fpr95'])} | "
@@ -644,14 +675,14 @@ def to_markdown(results: dict) -> str:
         r = rows["images"]
         pct = r["longer_side_percentiles"]
         lines += ["## Images", "",
-                  f"{r['n']} images; median {r['median_height']:.0f} × {r['median_width']:.0f} px; longer side "
+                  (f"{r['n']} images; median {r['median_height']:.0f} × {r['median_width']:.0f} px; longer side "
                   f"5/25/50/75/95 % {pct['5']:.0f}/{pct['25']:.0f}/{pct['50']:.0f}/{pct['75']:.0f}/{pct['95']:.0f} px; "
                   f"{r['upscaled_share']:.1%} are upscaled to the {results['settings']['image_size']} px input "
                   f"(its {r['resized_side']} px resize before the centre crop); "
                   f"aspect ratio > 1.5: {r['aspect_over_1_5']:.1%}, > 2: {r['aspect_over_2']:.1%}, "
                   f"> 3: {r['aspect_over_3']:.1%}; R = G = B in {r['grey_share']:.1%} of the images "
                   f"(data.grayscale changes a pixel by at most {r['grayscale_max_change']} level). "
-                  f"{minutes(r['seconds'])}.", ""]
+                  f"{minutes(r['seconds'])}."), ""]
     lines += ["## Commands and features", ""]
     for n, r in rows.items():
         lines.append(f"- `{n}`: `{r['command']}`")
@@ -703,7 +734,7 @@ def run_benchmark(dataset: str | Path, out: str | Path, preset: Preset, variants
         elif variant == "images":
             row = images_row(ctx)
         elif variant == "finetune":
-            row = finetune_row(ctx)
+            row = finetune_row(ctx, results["rows"].get("finetune"))
         else:
             row = probe_row(ctx, variant)
         row["command"] = ctx.row_command(variant)
