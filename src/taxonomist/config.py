@@ -5,6 +5,7 @@ Every run directory holds the resolved config as `config.yaml`; loading it back 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,7 +219,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value.strip() if isinstance(value, str) else value)
+            number = float(value.strip() if isinstance(value, str) else value)
+            if not math.isfinite(number):  # `.nan` or `inf` in a YAML file: no rate, weight or threshold is that
+                raise ValueError
+            return number
         if hint is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -292,6 +296,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error instead of the last one winning
+    silently (two `train:` sections, say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults ← `base` ← YAML file ← `--set` overrides.
@@ -310,14 +328,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: is not a file, expected a YAML config")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML ({where}{problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, …)")
-        _apply(cfg, data)
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if overrides:
         _apply(cfg, parse_overrides(overrides))
     return cfg

@@ -160,7 +160,9 @@ def test_fathomnet_client_walks_the_ancestor_tree(monkeypatch):
 
 
 def test_fathomnet_client_without_fathomnet_py(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fathomnet", None)  # import fails as if not installed
+    # the import fails as if fathomnet-py were not installed, even after another test imported it
+    for name in ("fathomnet", "fathomnet.api", "fathomnet.api.worms"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(TaxonomistError, match=r"pip install 'taxonomist\[worms\]'"):
         fathomnet_client("Tunicata")
 

@@ -14,7 +14,7 @@ from taxonomist import __version__
 from taxonomist.errors import SubmissionError, TaxonomistError
 
 #: command modules, in the order `--help` lists them; each has `register(subparsers)`
-COMMAND_MODULES = ("demo", "taxonomy", "score", "data", "train", "evaluate", "predict", "report",
+COMMAND_MODULES = ("demo", "taxonomy", "score", "data", "train", "evaluate", "baseline", "predict", "report",
                    "benchmark", "export", "serve", "sweep")
 
 
@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {_one_line(problem)}", file=sys.stderr)
         return 2
     except TaxonomistError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `taxonomist … | head`: the reader left, nothing is wrong
         return 0
@@ -80,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str, limit: int = 600) -> str:
+    """An error as one readable line: a huge cell quoted from a user's file is cut in the middle (the file and
+    row come first, so they stay), and stray newlines inside quoted values are escaped."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    if len(message) <= limit:
+        return message
+    cut = len(message) - limit
+    return f"{message[:limit - 100]} …[{cut:,} characters cut]… {message[-100:]}"
 
 
 if __name__ == "__main__":

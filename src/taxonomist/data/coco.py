@@ -142,6 +142,19 @@ def safe_relative_path(file_name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts)
 
 
+def stays_inside(folder: str | Path, target: str | Path) -> bool:
+    """True when `target`'s folder, with every symlink among its existing parts followed, lies inside `folder`:
+    a symlink planted in an output folder must not carry writes elsewhere.
+
+    >>> stays_inside("out", "out/images/a.png"), stays_inside("out", "elsewhere/a.png")
+    (True, False)
+    """
+    try:
+        return Path(target).parent.resolve().is_relative_to(Path(folder).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 def parse_context(context: str | list) -> list[str]:
     """The context scales other than the ROI itself, in order, as canonical names.
@@ -447,6 +460,8 @@ class _FrameCutter:
 
     def _save(self, image: Image.Image, relative: str) -> None:
         target = self.out_dir / relative
+        if not stays_inside(self.out_dir, target):
+            raise DataError(f"{target}: refused to write: a symlink in its folder leads outside {self.out_dir}")
         options = {"quality": 95, "subsampling": 0} if self.fmt == "JPEG" else {"compress_level": 1}
         buf = io.BytesIO()
         image.save(buf, format=self.fmt, **options)

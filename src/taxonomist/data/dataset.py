@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from taxonomist.errors import DataError
@@ -69,13 +70,24 @@ def read_csv_table(path: str | Path, what: str = "CSV", required: tuple[str, ...
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        # index_col=False: when every row has one cell more than the header, pandas would otherwise quietly
+        # take the first column as the index and shift every value one column to the left
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file") from None
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: malformed CSV ({str(e).strip().splitlines()[-1]})") from None
+    long_rows = any(issubclass(w.category, pd.errors.ParserWarning) for w in caught)
+    header, long_row = _header_and_long_row(path, scan=long_rows)
+    if long_rows:
+        raise DataError(f"{path}: row {long_row or '?'}: more cells than the header has columns")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise DataError(f"{path}: column {repeated[0]!r} appears twice in the header")
     frame.columns = [str(c).strip() for c in frame.columns]
     for col in required:
         if col not in frame.columns:
@@ -83,6 +95,23 @@ def read_csv_table(path: str | Path, what: str = "CSV", required: tuple[str, ...
     if frame.empty:
         raise DataError(f"{path}: no rows below the header")
     return frame.apply(lambda column: column.str.strip())
+
+
+def _header_and_long_row(path: Path, scan: bool) -> tuple[list[str], int | None]:
+    """The stripped header cells (pandas renames a repeated one), and with `scan` the line of the first row
+    with more cells than the header (None when not found)."""
+    import csv
+    header: list[str] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            for row in reader if scan else ():
+                if len(row) > len(header):
+                    return header, reader.line_num
+        except csv.Error:  # a cell over the csv module's field limit: pandas read it, only the row number is lost
+            pass
+    return header, None
 
 
 def read_annotations(path: str | Path) -> pd.DataFrame:
@@ -95,9 +124,13 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     for col in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"):
         if col in frame.columns:
             numeric = pd.to_numeric(frame[col].replace("", "nan"), errors="coerce")
-            bad = frame.index[numeric.isna() & (frame[col] != "")]
+            # "nan" and "inf" parse as floats but are no coordinates; a negative width or height is no box
+            bad = frame.index[(~np.isfinite(numeric) & (frame[col] != ""))
+                              | ((numeric < 0) & (col in ("bbox_w", "bbox_h")))]
             if len(bad):
-                raise DataError(f"{path}: row {bad[0] + 2}: {col} {frame.at[bad[0], col]!r} is not a number")
+                value = frame.at[bad[0], col]
+                what = "is negative" if np.isfinite(numeric[bad[0]]) else "is not a finite number"
+                raise DataError(f"{path}: row {bad[0] + 2}: {col} {value!r} {what}")
     if "split" in frame.columns:
         bad = frame.index[~frame["split"].isin(SPLITS + ("",))]
         if len(bad):

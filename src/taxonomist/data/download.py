@@ -27,13 +27,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from taxonomist import __version__
-from taxonomist.data.coco import read_coco, safe_relative_path
+from taxonomist.data.coco import read_coco, safe_relative_path, stays_inside
 from taxonomist.errors import ConfigError
 from taxonomist.utils.files import atomic_write_bytes, atomic_write_text
 
 FAILURES_CSV = "download_failures.csv"
 URL_KEYS = ("coco_url", "flickr_url", "url")
 SCHEMES = ("http", "https")
+#: a body larger than this is refused (FathomNet frames are a few MB): a hostile or broken server cannot fill
+#: the memory or the disk
+MAX_IMAGE_BYTES = 100 * 2**20
 # characters a URL may keep as they are; the rest (spaces, non-ASCII) are percent-encoded
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~-._"
 
@@ -100,7 +103,7 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: int = 8, retries: int = 4,
                          timeout: float = 30.0, progress: bool = False, backoff: float = 0.5,
-                         max_backoff: float = 60.0) -> DownloadSummary:
+                         max_backoff: float = 60.0, max_bytes: int = MAX_IMAGE_BYTES) -> DownloadSummary:
     """Download every image of a COCO file into `out_dir/<file_name>` and say what happened.
 
     Each image's `coco_url` (else `flickr_url`, `url`) is fetched by one of `workers` threads. HTTP 5xx,
@@ -109,13 +112,15 @@ def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: in
     server's `Retry-After` (capped at `max_backoff`); other 4xx answers fail at once. A file is written
     (temp + rename) only after it decoded; one already present and decodable is skipped, so re-running
     after a kill fetches only what is missing. A `file_name` that would leave `out_dir` and URLs that are
-    not http(s) are refused. Failures are listed in the summary and in `out_dir/download_failures.csv`.
+    not http(s) are refused, also as redirect targets, and so is a file_name whose folder is a symlink leading
+    out of `out_dir`; a body over `max_bytes` is refused without reading the rest. Failures are listed in the
+    summary and in `out_dir/download_failures.csv`.
 
     >>> summary = download_coco_images("dataset_test.json", "fathomnet/images", workers=16)  # doctest: +SKIP
     >>> summary.ok, summary.downloaded + summary.skipped                                    # doctest: +SKIP
     (True, 325)
     """
-    for name, value, low in (("workers", workers, 1), ("retries", retries, 0)):
+    for name, value, low in (("workers", workers, 1), ("retries", retries, 0), ("max_bytes", max_bytes, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{name} {value!r} must be an integer >= {low}")
     for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
@@ -146,13 +151,16 @@ def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: in
         if scheme not in SCHEMES or not urllib.parse.urlsplit(url).netloc:
             summary.failures.append((name, url, f"refused: URL scheme {scheme or 'none'!r} is not http(s)"))
             continue
+        if not stays_inside(out_dir, out_dir / rel):
+            summary.failures.append((name, url, "refused: a symlink in its folder leads outside the output folder"))
+            continue
         jobs[name] = (out_dir / rel, urllib.parse.quote(url, safe=_URL_SAFE))
     summary.total = len(coco.images)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries([target for target, _ in jobs.values()])
 
     fetcher = _Fetcher(retries=retries, timeout=float(timeout), backoff=float(backoff),
-                       max_backoff=float(max_backoff))
+                       max_backoff=float(max_backoff), max_bytes=max_bytes)
     bar = tqdm(total=len(jobs), desc="download", unit="img", file=sys.stderr,
                disable=not progress or not sys.stderr.isatty())
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
@@ -188,8 +196,10 @@ def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: in
 class _Fetcher:
     """One image: skip if already good, else GET with retries, verify, write atomically. Thread-safe."""
 
-    def __init__(self, retries: int, timeout: float, backoff: float, max_backoff: float):
+    def __init__(self, retries: int, timeout: float, backoff: float, max_backoff: float,
+                 max_bytes: int = MAX_IMAGE_BYTES):
         self.retries, self.timeout, self.backoff, self.max_backoff = retries, timeout, backoff, max_backoff
+        self.max_bytes = max_bytes
         self.stop = threading.Event()
         self.opener = urllib.request.build_opener(_HttpOnlyRedirects)
         self.headers = {"User-Agent": f"taxonomist/{__version__} (+python urllib)", "Accept": "image/*,*/*;q=0.5"}
@@ -236,7 +246,9 @@ class _Fetcher:
             with self.opener.open(request, timeout=self.timeout) as response:
                 length = response.headers.get("Content-Length")
                 expected = int(length) if length and length.strip().isdigit() else None
-                data = response.read()
+                if expected is not None and expected > self.max_bytes:
+                    raise _Permanent(f"refused: {expected} bytes is over the {self.max_bytes}-byte limit")
+                data = self._read_capped(response)
         except urllib.error.HTTPError as e:
             retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
             e.close()
@@ -260,6 +272,18 @@ class _Fetcher:
         if expected is not None and len(data) != expected:
             raise _Retryable(f"truncated body ({len(data)} of {expected} bytes)")
         return data
+
+    def _read_capped(self, response) -> bytes:
+        """The body, read in pieces so that one without (or with a lying) Content-Length stops at the cap."""
+        chunks, total = [], 0
+        while True:
+            chunk = response.read(min(1 << 20, self.max_bytes + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise _Permanent(f"refused: the body is over the {self.max_bytes}-byte limit")
 
 
 def image_problem(data: bytes) -> str | None:

@@ -180,6 +180,8 @@ def inspect_images(paths: list[Path], hash_size: int = HASH_SIZE, progress: bool
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 width[i], height[i] = im.size
+                if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # PIL itself only refuses above twice that
+                    raise Image.DecompressionBombError(f"image too large ({im.width}×{im.height} px)")
                 im.draft("L", (side, side))
                 hashes[i], uniform[i] = _phash(im, hash_size)
         except _IMAGE_ERRORS as e:

@@ -34,6 +34,12 @@ log = logging.getLogger("taxonomist.data")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
+#: images declaring more pixels than this are refused before decoding (PIL's decompression-bomb limit,
+#: ≈ 13,400² px, 0.5 GB as RGB): a forged 60,000² header would otherwise make the decoder allocate ~10 GB
+MAX_IMAGE_PIXELS = 178_956_970
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not frames
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
 
 class UnreadableImageError(DataError):
     """An image file is missing, empty, truncated or not an image."""
@@ -61,7 +67,8 @@ def read_image(path: str | Path) -> torch.Tensor:
 
     torchvision.io decodes JPEG, PNG, WebP and GIF (grey and RGBA become RGB, EXIF orientation applied,
     16-bit PNG scaled to 8 bits); anything else (TIFF, BMP, …) goes through PIL. Raises
-    `UnreadableImageError` (a DataError) naming the file when it is missing, empty or corrupt.
+    `UnreadableImageError` (a DataError) naming the file when it is missing, empty or corrupt, or when its
+    header declares more than `MAX_IMAGE_PIXELS` pixels (checked before any pixel is decoded).
 
     >>> read_image("images/a.jpg").shape        # doctest: +SKIP
     torch.Size([3, 480, 640])
@@ -77,6 +84,9 @@ def read_image(path: str | Path) -> torch.Tensor:
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file") from None
         raise UnreadableImageError(path, "cannot read the file") from None
+    size = declared_size(bytes(data[:_HEADER_BYTES].numpy()), data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise UnreadableImageError(path, _too_large(*size))
     try:
         image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as e:
@@ -91,8 +101,12 @@ def _decode_with_pil(path: Path, torch_reason: str) -> torch.Tensor:
 
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise UnreadableImageError(path, _too_large(im.width, im.height))
             im = ImageOps.exif_transpose(im).convert("RGB")
             array = np.asarray(im)
+    except Image.DecompressionBombError:
+        raise UnreadableImageError(path, _too_large(None, None)) from None
     except UnidentifiedImageError:
         reason = torch_reason if "Unsupported image file" not in torch_reason else "not an image (unknown format)"
         raise UnreadableImageError(path, f"cannot decode image: {reason}") from None
@@ -101,6 +115,57 @@ def _decode_with_pil(path: Path, torch_reason: str) -> torch.Tensor:
         reason = str(e) if "Unsupported image file" in torch_reason else torch_reason
         raise UnreadableImageError(path, f"cannot decode image: {reason}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+_HEADER_BYTES = 64 * 1024
+
+
+def _too_large(width: int | None, height: int | None) -> str:
+    size = f"declares {width}×{height} px, " if width else ""
+    return f"image too large ({size}more than {MAX_IMAGE_PIXELS:,} px; a decompression bomb?)"
+
+
+def declared_size(head: bytes, data: torch.Tensor | None = None) -> tuple[int, int] | None:
+    """(width, height) that a JPEG, PNG, GIF or WebP header declares, read without decoding; None for other
+    formats or a header cut short. `head` is the file's first bytes; `data` the whole file, for JPEGs whose
+    frame header sits behind large EXIF or ICC segments.
+
+    >>> declared_size(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000280000001e0"))
+    (640, 480)
+    """
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        chunk = head[12:16]
+        if chunk == b"VP8X":
+            return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+        if chunk == b"VP8L":
+            bits = int.from_bytes(head[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8 ":
+            return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+        return None
+    if head[:3] == _JPEG_MAGIC:
+        buf = head if data is None or len(data) <= len(head) else bytes(data.numpy())
+        pos = 2
+        while pos + 9 <= len(buf):
+            if buf[pos] != 0xFF:
+                return None
+            marker = buf[pos + 1]
+            if marker == 0xFF:          # fill byte
+                pos += 1
+                continue
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:   # no length field
+                pos += 2
+                continue
+            if marker in _JPEG_SOF:
+                return int.from_bytes(buf[pos + 7:pos + 9], "big"), int.from_bytes(buf[pos + 5:pos + 7], "big")
+            if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+                return None
+            pos += 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
+    return None
 
 
 def _clean_reason(message: str) -> str:

@@ -65,6 +65,13 @@ def read_submission(path: str | Path, what: str = "submission") -> SubmissionTab
         raise SubmissionError([f"{path}: {what} is an empty file; expected the header "
                                f"{','.join(COLUMNS)}"])
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _read_rows(reader, path, what)
+    except csv.Error as e:  # a cell over the csv module's 128 KiB field limit, a NUL byte, …
+        raise SubmissionError([f"{path}: row {reader.line_num + 1}: malformed {what} CSV ({e})"]) from None
+
+
+def _read_rows(reader: csv.DictReader, path: Path, what: str) -> SubmissionTable:
     header = [h.strip() for h in reader.fieldnames or []]
     missing = [c for c in COLUMNS if c not in header]
     if missing:

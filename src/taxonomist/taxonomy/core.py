@@ -21,6 +21,11 @@ RANK_INDEX = {r: i for i, r in enumerate(RANKS)}
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """A ` (did you mean 'X'?)` hint for a misspelled name, or an empty string."""
     pool = list(choices)
+    # difflib's cutoff 0.6 needs len(name) ≤ 2.34 × len(choice); skipping hopeless cases keeps a huge cell
+    # from a broken CSV (a megabyte of text) from costing seconds
+    longest = max(map(len, pool), default=0)
+    if len(name) > 2.34 * longest + 1:
+        return ""
     close = difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
     if not close:
         lowered = {c.lower(): c for c in pool}
@@ -392,9 +397,11 @@ class Taxonomy:
     def hash(self) -> str:
         """sha256 of the tree, ranks and labels; identical taxonomies hash alike whatever their file layout."""
         h = hashlib.sha256()
-        for i, n in enumerate(self.names):
-            p = self.names[self.parents[i]] if self.parents[i] >= 0 else ""
-            h.update(f"{n}\t{p}\t{self.ranks[i] or ''}\n".encode())
+        # nodes in name order (their stored order depends on how the table was read); labels in model order
+        lines = sorted(f"{n}\t{self.names[self.parents[i]] if self.parents[i] >= 0 else ''}\t{self.ranks[i] or ''}\n"
+                       for i, n in enumerate(self.names))
+        for line in lines:
+            h.update(line.encode())
         h.update(("labels\t" + "\t".join(self.labels)).encode())
         return h.hexdigest()
 

@@ -39,17 +39,20 @@ def _read_csv(path: str | Path, what: str) -> tuple[list[str], list[dict[str, st
     if not text.strip():
         raise TaxonomyError(f"{path}: empty file")
     reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    repeated = sorted({h for h in header if header.count(h) > 1})
-    if repeated:
-        raise TaxonomyError(f"{path}: column {repeated[0]!r} appears twice in the header")
-    reader.fieldnames = header
-    rows, lines = [], []
-    for row in reader:
-        if None in row:
-            raise TaxonomyError(f"{path}: row {reader.line_num} has more cells than the header")
-        rows.append({k: (v or "").strip() for k, v in row.items()})
-        lines.append(reader.line_num)
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise TaxonomyError(f"{path}: column {repeated[0]!r} appears twice in the header")
+        reader.fieldnames = header
+        rows, lines = [], []
+        for row in reader:
+            if None in row:
+                raise TaxonomyError(f"{path}: row {reader.line_num} has more cells than the header")
+            rows.append({k: (v or "").strip() for k, v in row.items()})
+            lines.append(reader.line_num)
+    except csv.Error as e:  # a cell over the csv module's 128 KiB field limit, a NUL byte, …
+        raise TaxonomyError(f"{path}: row {reader.line_num + 1}: malformed CSV ({e})") from None
     return header, rows, lines
 
 
