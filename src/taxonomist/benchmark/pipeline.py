@@ -1,13 +1,24 @@
-"""taxonomist's own train and predict paths from image files: TaxonDataset → build_loader →
-build_transforms on CPU (bf16 autocast + channels_last on CUDA), and on CUDA nvJPEG batch decode with the
-crop/resize/flips done on the GPU; predict ends in the min-risk decision over every taxonomy node."""
+"""taxonomist's own train and predict paths from image files, through the code `taxonomist train` and
+`taxonomist predict` run:
+
+- train: `TaxonDataset` → `build_loader` → `build_transforms(train)` as `train()` builds them, then
+  `train.step.TrainStep` (the step `train()` calls: device copy, autocast, loss, backward, clipping, AdamW,
+  scheduler, EMA) and the loop's per-batch bookkeeping (loss value, argmax to the host);
+- predict: `inference.run_model.infer_rows` (the checkpoint's eval transform, loader and `run_inference`, as
+  `taxonomist predict` calls it), then `apply_temperature` and `decide(..., "min-risk")` over every node.
+
+On CUDA a second pair of figures times the device-side decoder (`_gpu_batches`: nvJPEG batch decode, crop,
+resize and flips on the GPU) through the same step and `run_inference`; `train()` does not use it yet.
+"""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from taxonomist.benchmark.measure import timed_steps
+from taxonomist.benchmark.measure import sync, timed_steps
 from taxonomist.data.loading import (
     TaxonDataset,
     batch_random_flips,
@@ -16,24 +27,17 @@ from taxonomist.data.loading import (
     build_transforms,
     decode_jpeg_batch_cuda,
 )
-from taxonomist.decide import min_risk_decision
+from taxonomist.decide import apply_temperature, decide
+from taxonomist.train.step import TrainStep, build_optimizer
 
 
-def _cpu_batches(loader, device, channels_last):
-    try:
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            if channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            yield (image, batch["target"].to(device, non_blocking=True)), len(image)
-    finally:
-        loader.close()
-
-
-def _gpu_batches(dataset, rows, device, batch_size, image_size, mean, std, train, channels_last, augment, seed):
-    """Batches decoded by nvJPEG and cropped/resized/flipped on the GPU (CUDA only; not measured here)."""
+def _gpu_batches(dataset, rows, device, batch_size, image_size, mean, std, train, channels_last, augment, seed,
+                 label_index=None):
+    """Loader-shaped batches (`image`, `target`, `index`) decoded by nvJPEG and cropped/resized/flipped on the
+    device (CUDA; on CPU `decode_jpeg_batch_cuda` falls back to CPU decoding, which the tests use)."""
+    label_index = label_index or {lab: i for i, lab in enumerate(dataset.labels)}
     paths = [str(dataset.root / p) for p in rows["path"]]
-    targets = torch.tensor([dataset.labels.index(lab) for lab in rows["label"]], device=device)
+    targets = torch.tensor([label_index[lab] for lab in rows["label"]], device=device)
     order = np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))
     scale, ratio = augment.scale, augment.ratio
     for lo in range(0, len(order) - batch_size + 1, batch_size):
@@ -41,69 +45,115 @@ def _gpu_batches(dataset, rows, device, batch_size, image_size, mean, std, train
         images = decode_jpeg_batch_cuda([paths[i] for i in idx], device)
         if train:  # random-resized crop by slicing on the GPU; the batched resize below does the rest
             crops = [v2.RandomResizedCrop.get_params(im, list(scale), list(ratio)) for im in images]
-            images = [im[:, t:t + h, l:l + w] for im, (t, l, h, w) in zip(images, crops)]
+            images = [im[:, t:t + h, left:left + w] for im, (t, left, h, w) in zip(images, crops)]
         batch = batch_resize_normalize(images, image_size, mean, std, crop_pct=1.0 if train else 0.875)
         if train:
             batch = batch_random_flips(batch, augment.hflip, augment.vflip, rotate90=augment.rotate90)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        yield (batch, targets[torch.as_tensor(idx, device=device)]), len(idx)
+        index = torch.as_tensor(idx, device=device)
+        yield {"image": batch, "target": targets[index], "index": index}
 
 
-def _batches(cfg, dataset, rows, transform, device, train, num_workers, channels_last, mean, std):
-    if device.type == "cuda":
-        return _gpu_batches(dataset, rows, device, cfg.train.batch_size, cfg.data.image_size, mean, std, train,
-                            channels_last, cfg.augment, cfg.train.seed)
-    ds = TaxonDataset(dataset, rows, transform)
-    loader = build_loader(ds, cfg.train.batch_size, train=train, num_workers=num_workers, seed=cfg.train.seed)
-    return _cpu_batches(loader, device, channels_last)
-
-
-def taxonomist_train(model, criterion, cfg, dataset, rows, device, num_workers, warmup, steps) -> float:
-    """img/s of the training step fed by the project's loader (CPU) or GPU decode path (CUDA)."""
+def train_loader(cfg, dataset, rows, label_index, model, num_workers):
+    """The training loader `train()` builds for these rows (no cache)."""
     pre = model.preprocessing
-    amp = cfg.train.amp and device.type == "cuda"
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    transform = build_transforms(cfg, True, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
-    batches = _batches(cfg, dataset, rows, transform, device, True, num_workers, channels_last,
-                       pre["mean"], pre["std"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    model.train()
+    tf = build_transforms(cfg, True, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
+    ds = TaxonDataset(dataset, rows, tf, strict=cfg.data.strict, label_index=label_index)
+    return build_loader(ds, cfg.train.batch_size, train=True, num_workers=num_workers, seed=cfg.train.seed)
 
-    def step(batch):
-        image, target = batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = criterion(model(image), target)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+def taxonomist_train(model, criterion, cfg, dataset, rows, label_index, device, num_workers, warmup, steps,
+                     gpu_decode: bool = False, train_model=None) -> float:
+    """img/s of `TrainStep` fed by the project's loader (or, with `gpu_decode`, the device-side decoder)."""
+    from taxonomist.train.loop import _lr_lambda
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, max(1, len(rows) // cfg.train.batch_size)))
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    step_fn = TrainStep.from_config(cfg, model, criterion, optimizer, device, train_model=train_model,
+                                    scheduler=scheduler, ema=ema)
+    if gpu_decode:
+        pre = model.preprocessing
+        loader = None
+        batches = _gpu_batches(dataset, rows, device, cfg.train.batch_size, cfg.data.image_size, pre["mean"],
+                               pre["std"], True, step_fn.channels_last, cfg.augment, cfg.train.seed, label_index)
+    else:
+        loader = train_loader(cfg, dataset, rows, label_index, model, num_workers)
+        batches = iter(loader)
+    (train_model or model).train()
+    step_fn.zero_grad()
+    state = {"micro": 0, "global": 0, "preds": []}
+
+    def step(batch):  # the body of train()'s batch loop
+        out = step_fn(batch, state["micro"], state["global"])
+        state["micro"] += 1
+        state["global"] += int(out.updated)
+        float(out.loss)
+        state["preds"].append(out.outputs["logits"].detach().argmax(1).cpu())
 
     try:
-        return timed_steps(batches, step, warmup, steps, device)
+        return timed_steps(((b, len(b["index"])) for b in batches), step, warmup, steps, device)
     finally:
-        batches.close()
+        if loader is not None:
+            loader.close()
 
 
-def taxonomist_predict(model, cfg, dataset, rows, distance_lc, device, num_workers, warmup, steps) -> float:
-    """img/s of predict: eval transform, forward, softmax, min-risk answer over the candidates."""
-    pre = model.preprocessing
-    amp = cfg.train.amp and device.type == "cuda"
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    transform = build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
-    batches = _batches(cfg, dataset, rows, transform, device, False, num_workers, channels_last,
-                       pre["mean"], pre["std"])
+def checkpoint_meta(cfg, model) -> dict:
+    """The part of a checkpoint's metadata that `infer_rows` reads (eval transform, head, input column)."""
+    return {"image_size": cfg.data.image_size, "preprocessing": dict(model.preprocessing), "head": cfg.model.head,
+            "data": {"resize": cfg.data.resize, "grayscale": cfg.data.grayscale, "crop_pct": cfg.augment.crop_pct,
+                     "input": "path"}}
+
+
+def taxonomist_predict(model, cfg, dataset, rows, label_index, device, num_workers, warmup, steps,
+                       gpu_decode: bool = False) -> float:
+    """Steady-state img/s of predict: `infer_rows` (as `taxonomist predict` calls it), softmax with the
+    checkpoint temperature and the min-risk answer over every taxonomy node.
+
+    Each `infer_rows` call starts its own loader, whose start and first, unoverlapped batch a long predict
+    run amortises. So after one untimed call, the `warmup` batches are timed alone (T_w) and then with the
+    `steps` batches after them (T_ws): img/s = steps × batch / (T_ws − T_w), loader start cancelling out.
+    With `warmup=0`, or when the difference is under a tenth of T_ws (timer noise on a tiny model), it is
+    the images of one call over its time, start included."""
+    from taxonomist.inference.run_model import infer_rows
+    from taxonomist.train.inference import run_inference
+
+    taxonomy = dataset.taxonomy
+    candidates = list(taxonomy.internal_nodes) + list(taxonomy.labels)  # min-risk may answer a genus or family
+    bs = cfg.train.batch_size
+    warm_rows, all_rows = rows.iloc[:warmup * bs], rows.iloc[:(warmup + steps) * bs]
+    if len(all_rows) < (warmup + steps) * bs:
+        raise RuntimeError("benchmark: too few images for the timed predict batches")
+    meta = checkpoint_meta(cfg, model)
+
+    def run(part) -> float:
+        sync(device)
+        start = time.perf_counter()
+        if gpu_decode:
+            pre = model.preprocessing
+            batches = _gpu_batches(dataset, part, device, bs, cfg.data.image_size, pre["mean"], pre["std"], False,
+                                   cfg.train.channels_last, cfg.augment, cfg.train.seed, label_index)
+            logits = run_inference(model, batches, device, amp=cfg.train.amp).logits
+        else:
+            logits = infer_rows(model, meta, dataset, part, device, label_index, batch_size=bs,
+                                num_workers=num_workers).result.logits
+        probs = apply_temperature(logits.astype(np.float64), 1.0)
+        nodes = decide(probs, taxonomy, "min-risk", candidates=candidates).nodes
+        sync(device)
+        if len(nodes) != len(part):
+            raise RuntimeError(f"benchmark: predict answered {len(nodes)} of {len(part)} images")
+        return time.perf_counter() - start
+
     model.eval()
-
-    @torch.inference_mode()
-    def step(batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(batch[0])["logits"]
-        probs = logits.float().softmax(1).cpu().numpy()
-        min_risk_decision(probs, distance_lc)
-
-    try:
-        return timed_steps(batches, step, warmup, steps, device)
-    finally:
-        batches.close()
+    if not warmup:
+        return steps * bs / run(all_rows)
+    run(warm_rows)  # first forwards: allocations, oneDNN/cuDNN primitive choice
+    t_all = run(all_rows)
+    seconds = t_all - run(warm_rows)
+    if seconds < 0.1 * t_all:  # noise swamps the difference (tiny models): the whole call, start included
+        return len(all_rows) / t_all
+    return steps * bs / seconds

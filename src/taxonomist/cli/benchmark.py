@@ -5,13 +5,16 @@ from __future__ import annotations
 EXAMPLE = """\
 examples:
   taxonomist benchmark --device cpu --out b.json
+  taxonomist benchmark --device cpu --steps 6 --warmup 1 --rounds 3 --out b.json
+  taxonomist benchmark --device cpu --images frames --out frames.json
   taxonomist benchmark --device cuda --model convnext_tiny --image-size 288 --batch-size 128 --steps 20 --out gpu.json
 
 Measures, with the same model, batch size, image size and device:
   ceiling     model-only train step (fwd + bwd + AdamW) and inference on synthetic tensors on the device
-  taxonomist  the project's train and predict paths from ROI JPEGs it writes to a temp folder
-              (TaxonDataset + build_loader + build_transforms; on CUDA nvJPEG decode + GPU resize/flips,
-              bf16 autocast, channels_last); predict ends in the min-risk decision
+  taxonomist  the project's train and predict paths from ROI JPEGs it writes to a temp folder:
+              train()'s loader and transforms + train.step.TrainStep (the step train() runs; bf16
+              autocast and channels_last on CUDA); predict = infer_rows (as `taxonomist predict`)
+              + the min-risk decision. On CUDA also nvJPEG decode + GPU crop/resize/flips.
   baseline    PIL + torchvision.transforms v1 in a DataLoader with the same workers, default torch threads
 and min-risk over --decision-candidates × --decision-images. See docs/performance.md.
 """
@@ -27,6 +30,13 @@ def register(sub, formatter):
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--steps", type=int, default=3, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches before the timed ones")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat ceiling → taxonomist → baseline; img/s pooled, ratio per round in the JSON")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile=true)")
+    p.add_argument("--skip-baseline", action="store_true",
+                   help="measure ceiling and taxonomist only (faster; no baseline figures or vs_baseline)")
+    p.add_argument("--images", default="rois", choices=("rois", "frames"),
+                   help="files to read: ROI crops (256–640 px sides) or 1920×1080 video frames")
     p.add_argument("--workers", type=int, default=-1, help="loader workers; -1 = chosen for the machine")
     p.add_argument("--decision-images", type=int, default=100_000, help="images for the min-risk timing")
     p.add_argument("--decision-candidates", type=int, default=10_000, help="candidates for the min-risk timing")
@@ -43,7 +53,9 @@ def run(args) -> int:
     from taxonomist.utils.files import atomic_write_text
 
     bc = BenchmarkConfig(model=args.model, device=args.device, image_size=args.image_size,
-                         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                         compile=args.compile, images=args.images,
+                         baseline=not args.skip_baseline,
                          num_workers=args.workers, decision_images=args.decision_images,
                          decision_candidates=args.decision_candidates)
     result = run_benchmark(bc, log=lambda msg: print(msg, file=sys.stderr))
