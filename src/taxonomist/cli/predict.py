@@ -1,5 +1,5 @@
-"""`taxonomist predict`: run one checkpoint or an ensemble over images and write a decisions CSV or a
-Kaggle submission (`taxonomist.inference.predict`)."""
+"""`taxonomist predict`: run one checkpoint, an exported ONNX model or an ensemble over images and write a
+decisions CSV or a Kaggle submission (`taxonomist.inference.predict`); under torchrun, sharded over processes."""
 from __future__ import annotations
 
 #: decide.DECISIONS and decide.OOD_METHODS, spelled out so that `--help` needs no numpy/scipy import
@@ -14,6 +14,8 @@ examples:
   taxonomist predict RUN --images test.csv --decision min-risk --candidates fathomnet2025 --format kaggle --out sub.csv
   taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood energy --ood-tpr 0.95 --out p.csv
   taxonomist predict fold_0 fold_1 fold_2 --images DIR --ensemble-mode geometric --tta --out p.csv
+  taxonomist predict model.onnx --images DIR --out p.csv                  # exported with `taxonomist export`
+  torchrun --nproc_per_node 4 -m taxonomist.cli.main predict RUN --images DIR --out p.csv --resume
 
 --images takes a folder (searched recursively), a CSV with a `path` column relative to the CSV's folder
 (its other columns, e.g. annotation_id, are kept), or a dataset directory (annotations.csv).
@@ -38,6 +40,12 @@ calibration. With min-risk/backoff/selective an unknown's answer falls back to i
 --tta alone averages 4 views (identity, h-flip, v-flip, 180° turn: 'rot2+flip'); or name views:
 rot2 (the FathomNet 2nd place's 2 views), flip, rot4, d4, scales=0.875,1.0,1.125, joined with '+'.
 Put --tta after the checkpoints, or give it a spec, so that it does not swallow a checkpoint path.
+
+Chunks and resume: the input is predicted in chunks of --chunk-size rows whose decisions are written to
+OUT.parts/ as they finish (removed once OUT is written). After a kill, the same command with --resume keeps
+the finished chunks. Under torchrun (WORLD_SIZE > 1) chunk c goes to rank c mod WORLD_SIZE (gloo on CPU,
+nccl on CUDA) and rank 0 merges the parts: the output is that of one process. On several nodes, OUT must be
+on a filesystem every node shares.
 """
 
 
@@ -46,7 +54,8 @@ def register(sub, formatter):
                        description="Predict images with one checkpoint or an ensemble and write the decisions.",
                        epilog=EXAMPLE, formatter_class=formatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="a .safetensors checkpoint or a run directory (its best checkpoint); several = an ensemble")
+                   help="a .safetensors checkpoint, a run directory (its best checkpoint) or an exported .onnx "
+                        "model; several = an ensemble")
     p.add_argument("--images", required=True, metavar="DIR_OR_CSV",
                    help="a folder of images, a CSV with a path column, or a dataset directory")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
@@ -76,6 +85,8 @@ def register(sub, formatter):
                    help="csv: decisions with per-rank columns; kaggle: annotation_id,concept_name")
     p.add_argument("--fill-unreadable", action="store_true",
                    help="kaggle: answer unreadable images with the candidate nearest to all labels instead of failing")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image, naming it, instead of skipping and listing it")
     p.add_argument("--weights", default=None, metavar="W,W,…", help="ensemble weights, one per checkpoint")
     p.add_argument("--ensemble-mode", choices=("arithmetic", "geometric"), default="arithmetic",
                    help="mean of the members' probabilities: arithmetic, or geometric (renormalised)")
@@ -83,6 +94,10 @@ def register(sub, formatter):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda or mps")
     p.add_argument("--workers", type=int, default=-1, help="image-loading processes; -1 = chosen for the machine")
+    p.add_argument("--chunk-size", type=int, default=1024, metavar="N",
+                   help="rows per chunk: the unit written to OUT.parts/, dealt to torchrun ranks and kept by --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the chunks an interrupted run with the same models, options and images finished")
     p.set_defaults(func=run)
 
 
@@ -104,6 +119,7 @@ def run(args) -> int:
         ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback_level=args.ood_fallback,
         tta=args.tta, tta_mode=args.tta_mode, fmt=args.fmt, fill_unreadable=args.fill_unreadable,
         batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-        ensemble_mode=args.ensemble_mode, weights=weights, split=args.split, progress=sys.stderr.isatty())
+        ensemble_mode=args.ensemble_mode, weights=weights, split=args.split, progress=sys.stderr.isatty(),
+        chunk_size=args.chunk_size, resume=args.resume, strict=args.strict)
     print(summary.summary())
     return 0

@@ -248,15 +248,20 @@ def _save_ood(path: Path, tensors: dict[str, np.ndarray], methods: list[str], ch
 
 
 def _read_ood(checkpoint: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
-    ckpt = resolve_checkpoint(checkpoint)
-    meta = read_metadata(ckpt)
+    from taxonomist.inference.model_file import is_onnx, read_model_metadata, resolve_model
+
+    ckpt = resolve_model(checkpoint)  # a checkpoint, or an exported .onnx with its statistics beside it
+    meta = read_model_metadata(ckpt)
     info = meta.get("ood")
     if not info:
         return ckpt, {}, {}
-    path = ckpt.parent / info.get("file", ood_path(ckpt).name)
+    # an exported file's statistics follow its name (DESIGN.md: FILE.ood.safetensors), so renaming both works
+    path = ood_path(ckpt) if is_onnx(ckpt) else ckpt.parent / info.get("file", ood_path(ckpt).name)
     if not path.is_file():
-        raise ModelError(f"{path}: OOD statistics named in {metadata_path(ckpt).name} are missing "
-                         "(recalibrate with taxonomist.inference.calibrate_run)")
+        fix = ("copy it beside the model or export again" if is_onnx(ckpt)
+               else "recalibrate with taxonomist.inference.calibrate_run")
+        raise ModelError(f"{path}: OOD statistics named in {ckpt.name if is_onnx(ckpt) else metadata_path(ckpt).name} "
+                         f"are missing ({fix})")
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:

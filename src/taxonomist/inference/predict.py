@@ -1,10 +1,14 @@
-"""Batch prediction: one or several checkpoints over a folder, a CSV or a dataset, to a decisions CSV.
+"""Batch prediction: one or several models (checkpoints or exported ONNX files) over a folder, a CSV or a
+dataset, to a decisions CSV.
 
 Each member applies its own preprocessing, temperature and optional TTA; `decide` turns the combined
 probabilities into answers, OOD scores flag unknowns, and `--format kaggle` writes a validated submission.
+The input is processed in chunks whose decisions are kept as part files (`inference.sharding`), so that a run
+can resume after a kill and can be spread over processes with torchrun.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,8 @@ from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations, read
 from taxonomist.decide import (COMBINE_MODES, DECISIONS, VIEW_MODES, ancestor_operator, apply_temperature,
                                candidate_nodes, combine_probs, decide, expected_distance, ood_fallback, softmax)
 from taxonomist.errors import ConfigError, DataError, ModelError, SubmissionError
+from taxonomist.inference.sharding import (DEFAULT_CHUNK_SIZE, ChunkResult, PartStore, Shard, chunk_count, chunk_key,
+                                           end_group, run_key, start_group, sum_across)
 from taxonomist.taxonomy import RANKS, Taxonomy, default_metric, distance_matrix, suggest
 from taxonomist.taxonomy.core import RANK_INDEX
 from taxonomist.utils.files import atomic_path
@@ -155,6 +161,10 @@ class PredictSummary:
     checkpoints: list = field(default_factory=list)
     views: tuple = ()
     fmt: str = "csv"
+    chunks: int = 0                                    # chunks of the input (part files)
+    chunks_resumed: int = 0                            # chunks kept from an interrupted run (--resume)
+    processes: int = 1                                 # torchrun's WORLD_SIZE
+    rank: int = 0                                      # this process; only rank 0 writes `out`
 
     @property
     def images_per_s(self) -> float:
@@ -163,8 +173,14 @@ class PredictSummary:
     def summary(self) -> str:
         members = f"{len(self.checkpoints)} checkpoints" if len(self.checkpoints) > 1 else "1 checkpoint"
         tta = f", {len(self.views)} TTA views" if self.views else ""
-        lines = [f"predicted {self.n_predicted} of {self.n_images} images ({self.decision}, {members}{tta}) in "
-                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s); wrote {self.out} ({self.fmt})"]
+        if self.rank:
+            return (f"rank {self.rank} of {self.processes}: predicted {self.n_predicted} images of its chunks in "
+                    f"{self.seconds:.1f} s; rank 0 writes {self.out}")
+        procs = f", {self.processes} processes" if self.processes > 1 else ""
+        lines = [f"predicted {self.n_predicted} of {self.n_images} images ({self.decision}, {members}{tta}{procs}) "
+                 f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s); wrote {self.out} ({self.fmt})"]
+        if self.chunks_resumed:
+            lines.append(f"resumed: {self.chunks_resumed} of {self.chunks} chunks were already predicted")
         if self.n_unknown is not None:
             lines.append(f"{self.n_unknown} image(s) flagged unknown by the OOD score")
         if self.skipped:
@@ -177,6 +193,16 @@ class PredictSummary:
 
 # ---------------------------------------------------------------------------------------------- members
 @dataclass
+class _Loaded:
+    """An ensemble member, loaded once for all chunks: a checkpoint's TaxonModel or an ONNX session."""
+
+    path: Path
+    model: object
+    meta: dict
+    taxonomy: Taxonomy
+
+
+@dataclass
 class _Member:
     checkpoint: Path
     probs: np.ndarray        # (n, L) calibrated probabilities
@@ -185,13 +211,13 @@ class _Member:
     positions: np.ndarray    # (n,) row positions in the input
 
 
-def _run_member(ckpt: Path, images: ImageInput, dev, tta_views, tta_mode: str, batch_size: int, num_workers: int,
-                progress: bool, desc: str):
-    """One checkpoint over the images: its calibrated probabilities, features and raw logits, and what it skipped."""
+def _run_member(member: _Loaded, images: ImageInput, dev, tta_views, tta_mode: str, batch_size: int,
+                num_workers: int, progress: bool, desc: str, strict: bool = False):
+    """One model over the images: its calibrated probabilities, features and raw logits, and what it skipped
+    (with `strict`, the first unreadable image raises `UnreadableImageError` naming it instead)."""
     from taxonomist.inference.run_model import infer_rows
-    from taxonomist.train.checkpoint import load_checkpoint
 
-    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev))
+    model, meta, taxonomy = member.model, member.meta, member.taxonomy
     labels = list(meta["labels"])
     temperature = float(meta.get("temperature", 1.0))
     # a dataset with context_path feeds context-input models their scenes; a folder or CSV gives the images
@@ -200,13 +226,13 @@ def _run_member(ckpt: Path, images: ImageInput, dev, tta_views, tta_mode: str, b
     dataset = Dataset(images.root, loader_rows, taxonomy)
     out = infer_rows(model, meta, dataset, loader_rows, dev, {lab: i for i, lab in enumerate(labels)},
                      batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc, tta=tta_views,
-                     tta_mode=tta_mode, temperature=temperature, path_column=path_column)
+                     tta_mode=tta_mode, temperature=temperature, path_column=path_column, strict=strict)
     res = out.result
     if tta_views:
         probs, raw = softmax(res.logits.astype(np.float64)), res.mean_logits
     else:
         probs, raw = apply_temperature(res.logits.astype(np.float64), temperature), res.logits
-    return _Member(ckpt, probs, res.features, raw, res.indices), out.skipped
+    return _Member(member.path, probs, res.features, raw, res.indices), out.skipped
 
 
 # ---------------------------------------------------------------------------------------------- kaggle
@@ -295,13 +321,15 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             batch_size: int = 64, device: str = "auto", ensemble_mode: str = "arithmetic",
             weights: Sequence[float] | None = None, progress: bool = True, selective_threshold: float | None = None,
             ood_fallback_level: str | int | float | None = "auto", tta_mode: str = "mean_probs",
-            split: str | None = None, num_workers: int = -1, fill_unreadable: bool = False) -> PredictSummary:
-    """Predict every image of `images` with one checkpoint or an ensemble, and write `out`.
+            split: str | None = None, num_workers: int = -1, fill_unreadable: bool = False,
+            chunk_size: int = DEFAULT_CHUNK_SIZE, resume: bool = False, strict: bool = False) -> PredictSummary:
+    """Predict every image of `images` with one model or an ensemble, and write `out`.
 
     Args:
-        checkpoints: checkpoint files or run directories (→ their best checkpoint). Several = an ensemble:
-            same labels and taxonomy required; each member uses its own preprocessing, temperature and TTA
-            views; probabilities are combined with `decide.combine_probs(weights, ensemble_mode)`.
+        checkpoints: checkpoint files, run directories (→ their best checkpoint) or exported `.onnx` files.
+            Several = an ensemble: same labels and taxonomy required; each member uses its own preprocessing,
+            temperature and TTA views; probabilities are combined with `decide.combine_probs(weights,
+            ensemble_mode)`.
         images: a folder (recursive), a CSV with a `path` column relative to its folder (other columns are
             kept), or a dataset directory (`split` keeps one split).
         decision: `argmax`, `min-risk`, `backoff` or `selective` (`decide.decide`).
@@ -323,11 +351,22 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             `kaggle` — `annotation_id,concept_name` for every input row, validated before writing; an
             unreadable image is an error unless `fill_unreadable` (then it gets the candidate with the least
             mean distance to the labels, and the summary says how many).
+        chunk_size: rows per chunk. Each chunk's decisions are written atomically to `OUT.parts/` and the
+            folder is removed once `out` is written. Every row's answer depends on that row alone (the OOD
+            threshold comes from the stored calibration), so chunks are independent.
+        resume: keep the parts of an interrupted run with the same models, options and images (a part whose
+            key differs is predicted again); without it every chunk is predicted.
+        strict: stop at the first unreadable image with an error naming it, instead of skipping and listing it.
 
-    Returns a `PredictSummary`. The output is written atomically.
+    Under torchrun (WORLD_SIZE > 1) chunk c goes to rank c mod WORLD_SIZE (gloo on CPU, nccl on CUDA, each
+    rank on cuda:LOCAL_RANK), and rank 0 merges the parts in chunk order once every rank is done, so the
+    output equals a single-process run. With several nodes `out` must be on a filesystem they share.
+
+    Returns a `PredictSummary` (on ranks other than 0, of that rank's chunks). The output is written atomically.
     """
     from taxonomist.inference.calibrate import check_tpr
-    from taxonomist.train.checkpoint import read_metadata, resolve_checkpoint, taxonomy_from_json
+    from taxonomist.inference.model_file import read_model_metadata, resolve_model
+    from taxonomist.train.checkpoint import taxonomy_from_json
     from taxonomist.train.loop import configure_threads, select_device
 
     start = time.time()
@@ -337,12 +376,13 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         if value not in allowed:
             raise ConfigError(f"unknown {what} {value!r}{suggest(str(value), allowed)}; "
                               f"choose one of {', '.join(allowed)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    for value, what in ((batch_size, "batch size"), (chunk_size, "chunk size")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{what} must be a positive integer, got {value!r}")
     paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not paths:
         raise ConfigError("no checkpoint given")
-    ckpts = [resolve_checkpoint(p) for p in paths]
+    ckpts = [resolve_model(p) for p in paths]
     if weights is not None and len(weights) != len(ckpts):
         raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
     if ood_threshold is not None and ood_tpr is not None:
@@ -353,10 +393,10 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         raise ConfigError("an absolute OOD threshold fits one model's scores; with an ensemble use an OOD TPR")
     if ood_tpr is not None:
         check_tpr(ood_tpr)
-    meta0 = read_metadata(ckpts[0])
+    metas = [read_model_metadata(ckpt) for ckpt in ckpts]
+    meta0 = metas[0]
     taxonomy = taxonomy_from_json(meta0["taxonomy"])
-    for ckpt in ckpts[1:]:
-        meta = read_metadata(ckpt)
+    for ckpt, meta in zip(ckpts[1:], metas[1:]):
         if list(meta["labels"]) != list(meta0["labels"]):
             raise ModelError(f"{ckpt}: its {len(meta['labels'])} labels differ from those of {ckpts[0]} "
                              f"({len(meta0['labels'])} labels); ensemble members must share one label list")
@@ -373,22 +413,45 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     images_in = read_images(images, split)
     ids = _annotation_ids(images_in) if fmt == "kaggle" else None
 
+    shard = Shard.from_env()
     dev = select_device(device)
+    if dev.type == "cuda" and shard.world > 1:
+        import torch
+
+        dev = torch.device("cuda", shard.local_rank)
+        torch.cuda.set_device(dev)
     configure_threads(0, dev, num_workers)
-    common, aligned, skipped = _run_members(ckpts, images_in, dev, tta_views, tta_mode, batch_size, num_workers,
-                                            progress)
+    rules = _Rules(taxonomy, decision, cand, metric, rule_thr, weights, ensemble_mode, ood, ood_threshold, ood_tpr,
+                   fallback, tta_views, tta_mode, batch_size, num_workers, strict)
+    base_key = run_key({"models": [_model_identity(c, m) for c, m in zip(ckpts, metas)], "rules": rules.key(),
+                        "images": str(images_in.root.resolve())})
+    store = PartStore(out)
+    started = start_group(shard, dev)
+    try:
+        mine = shard.chunks(len(images_in.rows), chunk_size)
+        n_answered, n_resumed = _predict_chunks(ckpts, images_in, mine, store, base_key, rules, dev, shard,
+                                                resume, progress)
+        n_resumed_all, _ = sum_across([n_resumed, 0], shard, dev)  # also: wait until every rank is done
+    finally:
+        end_group(started)
+    out = Path(out)
+    views = tuple(v.name for v in tta_views) if tta_views else ()
+    n_chunks = chunk_count(len(images_in.rows), chunk_size)
+    if shard.rank != 0:
+        return PredictSummary(out, len(images_in.rows), n_answered, seconds=time.time() - start, decision=decision,
+                              checkpoints=ckpts, views=views, fmt=fmt, chunks=n_chunks, chunks_resumed=n_resumed,
+                              processes=shard.world, rank=shard.rank)
+
+    merged = ChunkResult.concat([_read_part(store, k, base_key, images_in, chunk_size) for k in range(n_chunks)])
+    common = merged.positions
+    paths_col = images_in.rows["path"].to_numpy()
+    skipped = [(paths_col[p], str(r)) for p, r in zip(merged.skipped_positions, merged.skipped_reasons)]
     if len(common) == 0:
         path, reason = skipped[0]
         raise DataError(f"{images_in.source}: no image could be read ({len(skipped)} unreadable; the first: "
                         f"{path}: {reason})")
-    probs = aligned[0][0] if len(aligned) == 1 else combine_probs([a[0] for a in aligned], weights, ensemble_mode,
-                                                                  kind="probs")
-    nodes = decide(probs, taxonomy, decision, candidates=cand, metric=metric, thresholds=rule_thr).nodes.copy()
-    ood_score = unknown = None
-    if ood:
-        ood_score, unknown = _flag_unknowns(ckpts, aligned, ood, ood_threshold, ood_tpr)
-        if decision != "argmax" and unknown.any():
-            nodes = ood_fallback(nodes, unknown, taxonomy, fallback, probs=probs, candidates=cand)
+    nodes = merged.nodes
+    ood_score, unknown = (merged.ood_score, merged.unknown.astype(bool)) if ood else (None, None)
 
     n_filled = 0
     if fmt == "kaggle":
@@ -407,13 +470,128 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         frame = pd.DataFrame({"annotation_id": ids, "concept_name": answers})
         check_kaggle_submission(frame, ids, allowed)
     else:
-        frame = _decisions_table(images_in, common, probs, nodes, taxonomy, metric, ood_score, unknown)
-    out = Path(out)
+        frame = _decisions_table(images_in, common, nodes, merged.confidence, merged.expected_distance, taxonomy,
+                                 ood_score, unknown)
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)
+    store.remove()
     return PredictSummary(out, len(images_in.rows), len(common), skipped,
                           None if unknown is None else int(unknown.sum()), n_filled, time.time() - start, decision,
-                          ckpts, tuple(v.name for v in tta_views) if tta_views else (), fmt)
+                          ckpts, views, fmt, n_chunks, n_resumed_all, shard.world, 0)
+
+
+@dataclass
+class _Rules:
+    """Everything besides the models and the images that decides a row's answer."""
+
+    taxonomy: Taxonomy
+    decision: str
+    cand: Sequence | None
+    metric: str
+    rule_thr: object
+    weights: Sequence[float] | None
+    ensemble_mode: str
+    ood: str | None
+    ood_threshold: float | None
+    ood_tpr: float | None
+    fallback: object
+    tta_views: list | None
+    tta_mode: str
+    batch_size: int
+    num_workers: int
+    strict: bool = False     # fail on the first unreadable image; changes no answer, so not part of the key
+
+    def key(self) -> dict:
+        """What a part file's key covers (the batch size too: it can move float results in the last digit)."""
+        return {"taxonomy": self.taxonomy.hash, "decision": self.decision, "metric": self.metric,
+                "candidates": None if self.cand is None else [str(n) for n in self.cand],
+                "thresholds": repr(self.rule_thr), "weights": None if self.weights is None else list(self.weights),
+                "ensemble_mode": self.ensemble_mode, "ood": self.ood, "ood_threshold": self.ood_threshold,
+                "ood_tpr": self.ood_tpr, "fallback": repr(self.fallback),
+                "tta": [v.name for v in self.tta_views] if self.tta_views else None, "tta_mode": self.tta_mode,
+                "batch_size": self.batch_size}
+
+
+def _model_identity(path: Path, meta: dict) -> dict:
+    """A model as a part key sees it: the file (path, size, modification time) and its metadata."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "metadata": run_key(meta)}
+
+
+def _predict_chunks(ckpts: list[Path], images_in: ImageInput, mine: list, store: PartStore, base_key: str,
+                    rules: _Rules, dev, shard: Shard, resume: bool, progress: bool) -> tuple[int, int]:
+    """Predict this process's chunks into part files; return (rows answered, chunks kept from a previous run)."""
+    from tqdm import tqdm
+
+    from taxonomist.inference.model_file import load_model
+
+    paths = images_in.rows["path"].to_numpy()
+    todo, n_answered, n_resumed = [], 0, 0
+    for c, a, b in mine:
+        key = chunk_key(base_key, paths[a:b])
+        kept = store.read(c, key) if resume else None
+        if kept is not None:
+            n_resumed += 1
+            n_answered += len(kept.positions)
+        else:
+            todo.append((c, a, b, key))
+    if not todo:
+        return n_answered, n_resumed
+    # models load once per process, and not at all when every chunk of a resumed process is done
+    loaded = [_Loaded(p, *load_model(p, device=str(dev))) for p in ckpts]
+    scorers = _ood_scorers(ckpts, rules.ood, rules.ood_threshold, rules.ood_tpr) if rules.ood else None
+    desc = "predict" if shard.world == 1 else f"predict (rank 0 of {shard.world})"
+    with tqdm(total=sum(b - a for _, a, b, _ in todo), desc=desc, unit="img", leave=False, file=sys.stderr,
+              disable=not progress or shard.rank != 0) as bar:
+        for c, a, b, key in todo:
+            chunk = ImageInput(images_in.root, images_in.rows.iloc[a:b].reset_index(drop=True), images_in.kind,
+                               images_in.source)
+            result = _predict_chunk(loaded, chunk, a, rules, scorers, dev)
+            store.write(c, key, result)
+            n_answered += len(result.positions)
+            bar.update(b - a)
+    return n_answered, n_resumed
+
+
+def _predict_chunk(loaded: list[_Loaded], chunk: ImageInput, offset: int, rules: _Rules, scorers, dev) -> ChunkResult:
+    """The decisions of one chunk's rows (positions in the result are absolute: `offset` + row in the chunk)."""
+    common, aligned, skipped = _run_members(loaded, chunk, dev, rules.tta_views, rules.tta_mode, rules.batch_size,
+                                            rules.num_workers, rules.strict)
+    skipped_positions = np.array([offset + k for k, _ in skipped], dtype=np.int64)
+    skipped_reasons = np.array([reason for _, reason in skipped], dtype=str)
+    empty_f, empty_i = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
+    if len(common) == 0:
+        return ChunkResult(empty_i, empty_i, empty_f, empty_f, empty_f, np.zeros(0, dtype=bool), skipped_positions,
+                           skipped_reasons)
+    taxonomy = rules.taxonomy
+    probs = aligned[0][0] if len(aligned) == 1 else combine_probs([m[0] for m in aligned], rules.weights,
+                                                                  rules.ensemble_mode, kind="probs")
+    nodes = decide(probs, taxonomy, rules.decision, candidates=rules.cand, metric=rules.metric,
+                   thresholds=rules.rule_thr).nodes.copy()
+    ood_score, unknown = empty_f, np.zeros(0, dtype=bool)
+    if scorers is not None:
+        ood_score, unknown = _flag_unknowns(scorers, aligned)
+        if rules.decision != "argmax" and unknown.any():
+            nodes = ood_fallback(nodes, unknown, taxonomy, rules.fallback, probs=probs, candidates=rules.cand)
+    answered = sorted(set(nodes.tolist()))
+    column = {n: i for i, n in enumerate(answered)}
+    dist = distance_matrix(taxonomy, rules.metric, rows=taxonomy.labels, cols=[taxonomy.names[n] for n in answered])
+    exp_dist = expected_distance(probs, dist, np.array([column[n] for n in nodes.tolist()], dtype=np.int64))
+    return ChunkResult(offset + common.astype(np.int64), nodes.astype(np.int64),
+                       _answer_probability(probs, taxonomy, nodes).astype(np.float64), exp_dist.astype(np.float64),
+                       np.asarray(ood_score, dtype=np.float64), np.asarray(unknown, dtype=bool), skipped_positions,
+                       skipped_reasons)
+
+
+def _read_part(store: PartStore, chunk: int, base_key: str, images_in: ImageInput, chunk_size: int) -> ChunkResult:
+    a = chunk * chunk_size
+    b = min(len(images_in.rows), a + chunk_size)
+    part = store.read(chunk, chunk_key(base_key, images_in.rows["path"].to_numpy()[a:b]))
+    if part is None:
+        raise DataError(f"{store.path(chunk)}: the part of rows {a + 1}–{b} is missing or stale after every process "
+                        "finished; with several nodes, --out must be on a filesystem they all share")
+    return part
 
 
 def _rule_thresholds(decision: str, thr, selective_threshold: float | None, taxonomy: Taxonomy):
@@ -434,65 +612,68 @@ def _rule_thresholds(decision: str, thr, selective_threshold: float | None, taxo
     return thr
 
 
-def _run_members(ckpts: list[Path], images_in: ImageInput, dev, tta_views, tta_mode: str, batch_size: int,
-                 num_workers: int, progress: bool):
+def _run_members(members: list[_Loaded], images_in: ImageInput, dev, tta_views, tta_mode: str, batch_size: int,
+                 num_workers: int, strict: bool = False):
     """Run every member; return the row positions every member answered, each member's (probs, features, raw
-    logits) on those rows in that order, and the skipped images as (path, reason)."""
-    members, skipped_by_row = [], {}
-    for k, ckpt in enumerate(ckpts):
-        desc = "predict" if len(ckpts) == 1 else f"predict {k + 1}/{len(ckpts)}"
-        member, skipped = _run_member(ckpt, images_in, dev, tta_views, tta_mode, batch_size, num_workers, progress,
-                                      desc)
+    logits) on those rows in that order, and the skipped rows as (position, reason)."""
+    results, skipped_by_row = [], {}
+    for member in members:
+        result, skipped = _run_member(member, images_in, dev, tta_views, tta_mode, batch_size, num_workers, False,
+                                      "predict", strict=strict)
         for s in skipped:
-            skipped_by_row.setdefault(int(s.index), (images_in.rows["path"].iloc[int(s.index)], s.reason))
-        members.append(member)
+            skipped_by_row.setdefault(int(s.index), s.reason)
+        results.append(result)
     # an image unreadable for one member (the same file, so normally for all) is dropped for all
-    common = members[0].positions
-    for m in members[1:]:
+    common = results[0].positions
+    for m in results[1:]:
         common = np.intersect1d(common, m.positions)
     common = np.sort(common)
     aligned = []
-    for m in members:
+    for m in results:
         where = {int(p): i for i, p in enumerate(m.positions)}
         take = np.array([where[int(p)] for p in common], dtype=np.int64)
         aligned.append((m.probs[take], m.features[take], m.logits[take]))
     for p in np.setdiff1d(np.arange(len(images_in.rows)), common):
-        skipped_by_row.setdefault(int(p), (images_in.rows["path"].iloc[int(p)], "not predicted by every member"))
-    return common, aligned, [skipped_by_row[k] for k in sorted(skipped_by_row)]
+        skipped_by_row.setdefault(int(p), "not predicted by every member")
+    return common, aligned, [(k, skipped_by_row[k]) for k in sorted(skipped_by_row)]
 
 
-def _flag_unknowns(ckpts: list[Path], aligned: list, method: str, threshold: float | None, tpr: float | None):
-    """(ood_score, unknown): the raw score for one checkpoint; for an ensemble the mean margin over members."""
+def _ood_scorers(ckpts: list[Path], method: str, threshold: float | None, tpr: float | None) -> list:
+    """(scorer, threshold) of each member, read once: the stored statistics and the stored (or given) threshold."""
     from taxonomist.inference.calibrate import load_ood_scorers
     from taxonomist.inference.calibrate import ood_threshold as stored_threshold
 
-    scores, margins = [], []
-    for ckpt, (_, features, raw_logits) in zip(ckpts, aligned):
+    out = []
+    for ckpt in ckpts:
         scorers = load_ood_scorers(ckpt)
         if method not in scorers:
             raise ModelError(f"{ckpt}: no {method!r} OOD statistics (stored: {', '.join(scorers) or 'none'}); "
                              "`taxonomist train` calibrates checkpoints unless --no-calibrate")
-        s = scorers[method].score(features, raw_logits)
         t = threshold if threshold is not None else stored_threshold(ckpt, method, tpr or DEFAULT_OOD_TPR)
+        out.append((scorers[method], t))
+    return out
+
+
+def _flag_unknowns(scorers: list, aligned: list):
+    """(ood_score, unknown): the raw score for one model; for an ensemble the mean margin over members."""
+    scores, margins = [], []
+    for (scorer, t), (_, features, raw_logits) in zip(scorers, aligned):
+        s = scorer.score(features, raw_logits)
         scores.append(s)
         margins.append(s - t)
-    if len(ckpts) == 1:
+    if len(scorers) == 1:
         return scores[0], margins[0] >= 0
     # members' scores live on different scales; their distances to their own thresholds are comparable
     mean_margin = np.mean(margins, axis=0)
     return mean_margin, mean_margin >= 0
 
 
-def _decisions_table(images_in: ImageInput, common: np.ndarray, probs: np.ndarray, nodes: np.ndarray,
-                     taxonomy: Taxonomy, metric: str, ood_score, unknown) -> pd.DataFrame:
+def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarray, confidence: np.ndarray,
+                     exp_dist: np.ndarray, taxonomy: Taxonomy, ood_score, unknown) -> pd.DataFrame:
     """The csv output: path, prediction, confidence, levels, expected distance, OOD columns, input columns."""
-    answered = sorted(set(nodes.tolist()))
-    column = {n: i for i, n in enumerate(answered)}
-    dist = distance_matrix(taxonomy, metric, rows=taxonomy.labels, cols=[taxonomy.names[n] for n in answered])
-    exp_dist = expected_distance(probs, dist, np.array([column[n] for n in nodes.tolist()], dtype=np.int64))
     frame = pd.DataFrame({"path": images_in.rows["path"].to_numpy()[common],
                           "prediction": [taxonomy.names[n] for n in nodes],
-                          "confidence": np.round(_answer_probability(probs, taxonomy, nodes), 6)})
+                          "confidence": np.round(confidence, 6)})
     for name, values in _level_columns(taxonomy, nodes).items():
         frame[name] = values
     frame["expected_distance"] = np.round(exp_dist, 6)

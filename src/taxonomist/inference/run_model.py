@@ -41,12 +41,13 @@ class RowsOutput:
 def infer_rows(model, meta: dict, dataset: Dataset, rows: pd.DataFrame, device, label_index: dict[str, int],
                batch_size: int = 64, num_workers: int = -1, progress: bool = False, desc: str = "predict",
                tta=None, tta_mode: str = "mean_probs", temperature: float = 1.0, allow_unknown: bool = False,
-               strict: bool = False, path_column: str | None = None) -> RowsOutput:
+               strict: bool = False, path_column: str | None = None, amp: bool = True) -> RowsOutput:
     """Forward `rows` of `dataset` through `model` as the checkpoint `meta` prescribes.
 
     Without `tta` this is `run_inference` (raw logits; apply the temperature yourself). With `tta` (a list
     of `View`s) it is `run_inference_tta` with `temperature` applied per view before merging. `path_column`
     defaults to the column the model was trained on (`path`, or `context_path` for context-input models).
+    `amp` runs the forward pass under bf16 autocast on CUDA (ignored on CPU, and for ONNX models).
     """
     from taxonomist.data.loading import TaxonDataset, build_loader
     from taxonomist.inference.tta import run_inference_tta
@@ -61,9 +62,9 @@ def infer_rows(model, meta: dict, dataset: Dataset, rows: pd.DataFrame, device, 
     try:
         if tta:
             result = run_inference_tta(model, loader, device, tta, mode=tta_mode, temperature=temperature,
-                                       progress=progress, desc=desc)
+                                       amp=amp, progress=progress, desc=desc)
         else:
-            result = run_inference(model, loader, device, progress=progress, desc=desc)
+            result = run_inference(model, loader, device, amp=amp, progress=progress, desc=desc)
     finally:
         loader.close()
     return RowsOutput(result, list(ds.skipped))

@@ -1,0 +1,116 @@
+"""`taxonomist serve`: serve a checkpoint or ONNX model over HTTP, with the web page for biologists
+(`taxonomist.deploy.serve`)."""
+from __future__ import annotations
+
+from taxonomist.cli.predict import DECISION_CHOICES, OOD_CHOICES
+
+EXAMPLE = """\
+examples:
+  taxonomist serve runs/demo/run                                  # → http://127.0.0.1:8000/
+  taxonomist serve RUN/checkpoints/best.safetensors --port 8765 --decision min-risk --candidates all
+  taxonomist serve model.onnx --ood energy --ood-tpr 0.95 --max-batch 64
+  TAXONOMIST_TOKEN=$(openssl rand -hex 16) taxonomist serve RUN --host 0.0.0.0 --token-env TAXONOMIST_TOKEN --workers 2
+
+  curl -F file=@photo.jpg http://127.0.0.1:8000/predict
+  curl -F file=@a.jpg -F file=@b.jpg -H "Authorization: Bearer $TAXONOMIST_TOKEN" http://HOST:8000/predict
+
+Endpoints: GET / (the page: drop images, see decision, lineage and top 5), POST /predict (multipart field
+`file`, one or several images), GET /health, GET /taxonomy, GET /metadata, GET /openapi.json, GET /docs.
+Requests arriving together are batched (up to --max-batch images, waiting at most --max-wait-ms).
+The service binds 127.0.0.1; another --host needs --token-env VAR (a bearer token checked on every request
+but /health and the page's static files). Decisions and OOD options are those of `taxonomist predict`.
+"""
+
+
+def register(sub, formatter):
+    p = sub.add_parser("serve", help="serve a model over HTTP: JSON API and a web page",
+                       description="Serve a checkpoint or an exported ONNX model over HTTP (FastAPI + uvicorn).",
+                       epilog=EXAMPLE, formatter_class=formatter)
+    p.add_argument("model", metavar="MODEL",
+                   help="a checkpoint, a run directory (its best checkpoint) or an .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; not loopback → --token-env required")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--decision", choices=DECISION_CHOICES, default="argmax", help="decision rule")
+    p.add_argument("--candidates", metavar="FILE|all|fathomnet2025", default=None,
+                   help="names an answer may take (default: the training labels; every node for backoff/selective)")
+    p.add_argument("--thresholds", metavar="RANK=P,…", default=None, help="backoff thresholds (as predict)")
+    p.add_argument("--selective-threshold", type=float, default=None, metavar="P",
+                   help="selective: answer the deepest node with P(node) >= P (default 0.5)")
+    p.add_argument("--ood", choices=OOD_CHOICES, default=None, metavar="METHOD",
+                   help=f"flag unknown taxa with an OOD score: {', '.join(OOD_CHOICES)}")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ood-threshold", type=float, default=None, metavar="T", help="flag when the OOD score >= T")
+    group.add_argument("--ood-tpr", type=float, default=None, metavar="0.95",
+                       help="threshold keeping this share of known validation images unflagged (default 0.95)")
+    p.add_argument("--ood-fallback", default="auto", metavar="RANK|depthN|P",
+                   help="answer a flagged image with its ancestor at this rank (min-risk, backoff, selective)")
+    p.add_argument("--max-batch", type=int, default=32, metavar="N", help="most images per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a batch that is not full waits for more requests")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB", help="request size limit (413 above)")
+    p.add_argument("--max-files", type=int, default=64, metavar="N", help="images per request")
+    p.add_argument("--token-env", default=None, metavar="VAR",
+                   help="environment variable holding the bearer token the clients must send")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="uvicorn worker processes, each with its own copy of the model")
+    p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda or mps")
+    p.add_argument("--access-log", action="store_true", help="log every request (off: one line per request is "
+                                                            "costly under load)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+    import socket
+    import sys
+
+    from taxonomist.deploy.serve.app import (
+        CONFIG_ENV,
+        bind_token,
+        check_limits,
+        create_app,
+        require_serve_dependencies,
+        settings_to_environment,
+    )
+    from taxonomist.deploy.serve.predictor import Predictor, ServeOptions
+    from taxonomist.errors import ConfigError
+
+    require_serve_dependencies()
+    token = bind_token(args.host, args.token_env)
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: must lie in 1‥65535")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be ≥ 1")
+    options = ServeOptions(decision=args.decision, candidates=args.candidates, thresholds=args.thresholds,
+                           selective_threshold=args.selective_threshold, ood=args.ood,
+                           ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback=args.ood_fallback,
+                           device=args.device)
+    app_kwargs = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+                      max_files=args.max_files)
+    check_limits(**app_kwargs)
+    # load once here, so that a bad model or option is one `error:` line before anything binds
+    predictor = Predictor.load(args.model, options)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host.strip("[]"), args.port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+    import uvicorn
+
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {predictor.model_path} ({predictor.options.decision}) on http://{shown}:{args.port}/ "
+          f"— the page at /, the API at /predict, the reference at /docs"
+          f"{'; bearer token required' if token else ''}", file=sys.stderr, flush=True)
+    common = dict(host=args.host.strip("[]"), port=args.port, access_log=args.access_log, log_level="info")
+    if args.workers == 1:
+        app = create_app(predictor, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_upload_mb=args.max_upload_mb, max_files=args.max_files, token=token)
+        uvicorn.run(app, **common)
+        return 0
+    del predictor  # each worker process loads its own copy
+    os.environ[CONFIG_ENV] = settings_to_environment(args.model, options, token_env=args.token_env, **app_kwargs)
+    uvicorn.run("taxonomist.deploy.serve.app:app_from_environment", factory=True, workers=args.workers, **common)
+    return 0

@@ -1,0 +1,305 @@
+"""The HTTP service: a FastAPI app over one `Predictor` and one `MicroBatcher`, plus the page for biologists.
+
+`create_app(model, …)` builds it; `taxonomist serve` runs it with uvicorn. Bad input never reaches the model:
+every refusal is a 4xx answer `{"error": "…"}`. No endpoint reads a server path or fetches a URL; the page is
+plain files from `static/` and the Content-Security-Policy keeps it from loading anything from elsewhere.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+
+from taxonomist.deploy.serve.batcher import MicroBatcher
+from taxonomist.deploy.serve.predictor import Predictor, ServeOptions
+from taxonomist.deploy.serve.uploads import MAX_IMAGE_PIXELS, UploadError, decode_upload
+
+STATIC = Path(__file__).parent / "static"
+#: Environment variable through which `taxonomist serve --workers N` hands its settings to each worker process.
+CONFIG_ENV = "TAXONOMIST_SERVE_CONFIG"
+#: Paths answered without the bearer token: the health probe (load balancers), and the page and its files,
+#: which hold no data — the page asks for the token and sends it with every API call.
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+SERVE_EXTRA_HINT = ("taxonomist serve needs FastAPI, uvicorn and python-multipart: "
+                    "pip install 'taxonomist[serve]'")
+
+
+def require_serve_dependencies() -> None:
+    """Raise a `ConfigError` with the install command when the `[serve]` extra is missing."""
+    import importlib.util
+
+    from taxonomist.errors import ConfigError
+
+    missing = [name for name, module in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                                         ("python-multipart", "python_multipart"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"{SERVE_EXTRA_HINT} (missing: {', '.join(missing)})")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def check_limits(max_batch: int, max_wait_ms: float, max_upload_mb: float, max_files: int,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Raise a `ConfigError` naming the option when a service limit is out of range."""
+    from taxonomist.errors import ConfigError
+
+    for value, name in ((max_batch, "--max-batch"), (max_files, "--max-files"), (max_image_pixels, "max_image_pixels")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} {value!r}: must be a positive integer")
+    if not max_wait_ms >= 0:
+        raise ConfigError(f"--max-wait-ms {max_wait_ms!r}: must be ≥ 0")
+    if not max_upload_mb > 0:
+        raise ConfigError(f"--max-upload-mb {max_upload_mb!r}: must be > 0")
+
+
+def create_app(model: str | Path | Predictor, options: ServeOptions | None = None, max_batch: int = 32,
+               max_wait_ms: float = 5.0, max_upload_mb: float = 20.0, token: str | None = None,
+               max_files: int = 64, max_image_pixels: int = MAX_IMAGE_PIXELS):
+    """The FastAPI app serving `model` (a checkpoint, run directory, `.onnx` file or a loaded `Predictor`).
+
+    Args:
+        options: decision rule, candidates, OOD method and device (`ServeOptions`).
+        max_batch: most images per forward pass; `max_wait_ms`: how long a batch that is not full waits.
+        max_upload_mb: limit on one request's body (413 above it); `max_files`: images per request.
+        token: when set, every request but `/health` and the page's files needs `Authorization: Bearer TOKEN`.
+        max_image_pixels: width × height above which an upload is refused as a decompression bomb (400).
+
+    >>> app = create_app("runs/demo/run")                                   # doctest: +SKIP
+    >>> TestClient(app).post("/predict", files={"file": open("a.jpg", "rb")}).json()   # doctest: +SKIP
+    """
+    require_serve_dependencies()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    from taxonomist import __version__
+    from taxonomist.errors import ConfigError
+
+    check_limits(max_batch, max_wait_ms, max_upload_mb, max_files, max_image_pixels)
+    if token is not None and not token.strip():
+        raise ConfigError("the token is empty; set the variable named by --token-env to a secret string")
+    predictor = model if isinstance(model, Predictor) else Predictor.load(model, options)
+    batcher = MicroBatcher(predictor.predict_images, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    limit = int(max_upload_mb * 1024 * 1024)
+
+    @asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = FastAPI(title="taxonomist", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Hierarchical image classification of organisms. The generated OpenAPI schema is "
+                              "at /openapi.json and an offline reference at /docs.")
+    app.state.predictor, app.state.batcher = predictor, batcher
+    app.state.limits = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_upload_mb": max_upload_mb,
+                        "max_files": max_files, "max_image_pixels": max_image_pixels}
+
+    def error(status: int, message: str, headers: dict | None = None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    # ------------------------------------------------------------------------------------ errors as JSON
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = "not found: the service answers /, /health, /predict, /taxonomy, /metadata, /openapi.json, /docs"
+        return error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc):
+        return error(400, f"invalid request: {exc.errors()[:3]}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc):  # a bug, not the client's fault: no details leak out
+        return error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    app.add_middleware(_Guard, token=token)
+
+    # ------------------------------------------------------------------------------------ endpoints
+    @app.get("/health", summary="Liveness and the model served")
+    async def health():
+        return {"status": "ok", "model": predictor.info["model"], "decision": predictor.options.decision,
+                "auth": token is not None, "batching": batcher.stats.as_dict()}
+
+    @app.get("/taxonomy", summary="The model's taxonomy: nodes with parent and rank, and its labels")
+    async def taxonomy():
+        return predictor.taxonomy_table()
+
+    @app.get("/metadata", summary="The model's metadata and the service's settings")
+    async def metadata():
+        return {**predictor.metadata(), "limits": app.state.limits}
+
+    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                "description": "one or several images (repeat the field)"}}}}}}}
+
+    @app.post("/predict", openapi_extra=upload_schema, summary="Identify the organisms in one or several images",
+              responses={400: {"description": "empty, corrupt or oversized-dimension image, or a malformed form"},
+                         401: {"description": "missing or wrong bearer token"},
+                         413: {"description": "request body over --max-upload-mb"},
+                         415: {"description": "not multipart/form-data, or a file that is not an image"}})
+    async def predict(request: Request):
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            return error(415, f"send the images as multipart/form-data in the field 'file' (got content type "
+                              f"{ctype or 'none'!r})")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return error(400, f"invalid Content-Length {declared!r}")
+            if int(declared) > limit:
+                return error(413, f"request body of {int(declared):,} bytes exceeds the limit of "
+                                  f"{max_upload_mb:g} MB (--max-upload-mb)")
+
+        async def limited() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise _TooLarge()
+                yield chunk
+
+        parser = MultiPartParser(request.headers, limited(), max_files=max_files, max_fields=16,
+                                 max_part_size=64 * 1024)
+        try:
+            form = await parser.parse()
+        except _TooLarge:
+            return error(413, f"request body exceeds the limit of {max_upload_mb:g} MB (--max-upload-mb)")
+        except MultiPartException as e:
+            return error(400, f"malformed multipart form: {e}")
+        try:
+            values = form.getlist("file")
+            if not values:
+                return error(400, "no image: send one or more files in the multipart field 'file'")
+            if any(isinstance(v, str) for v in values):
+                return error(400, "the field 'file' must carry files, not text (a path or URL is not fetched)")
+            uploads = [(v.filename or f"file{k + 1}", await v.read()) for k, v in enumerate(values)]
+        finally:
+            await form.close()
+        try:
+            inputs = await run_in_threadpool(_prepare, predictor, uploads, max_image_pixels)
+        except UploadError as e:
+            return error(e.status, e.message)
+        answers = await asyncio.wrap_future(batcher.submit(inputs))
+        return {"predictions": [{"filename": name, **answer} for (name, _), answer in zip(uploads, answers)]}
+
+    # ------------------------------------------------------------------------------------ the page
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return FileResponse(STATIC / "api.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+class _Guard:
+    """ASGI middleware: the bearer-token check (when a token is set) and the security headers of every answer.
+    Plain ASGI rather than `@app.middleware("http")`, which costs a task and a stream per request."""
+
+    def __init__(self, app, token: str | None):
+        self.app, self.token = app, token.encode() if token is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import MutableHeaders
+
+        path = scope["path"]
+        if self.token is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+                from fastapi.responses import JSONResponse
+
+                response = JSONResponse({"error": "missing or wrong bearer token (send the header "
+                                                  "Authorization: Bearer TOKEN)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Content-Security-Policy", CSP)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _prepare(predictor: Predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list:
+    """Decode and preprocess every upload of a request (in a thread-pool thread, off the event loop)."""
+    return [predictor.preprocess(decode_upload(data, name, max_pixels)) for name, data in uploads]
+
+
+# ------------------------------------------------------------------------------------------ workers
+def settings_to_environment(model: str | Path, options: ServeOptions, **app_kwargs) -> str:
+    """Serialise what `app_from_environment` needs into the value of `CONFIG_ENV` (the token itself is not
+    included: workers read it from the environment variable named by `token_env`)."""
+    return json.dumps({"model": str(model), "options": asdict(options), "app": app_kwargs})
+
+
+def app_from_environment():
+    """uvicorn factory for `--workers N`: each worker process builds its own app from `CONFIG_ENV`."""
+    from taxonomist.errors import ConfigError
+
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise ConfigError(f"{CONFIG_ENV} is not set; start the service with `taxonomist serve`")
+    settings = json.loads(raw)
+    app_kwargs = dict(settings["app"])
+    token_env = app_kwargs.pop("token_env", None)
+    token = os.environ.get(token_env) if token_env else None
+    return create_app(settings["model"], ServeOptions(**settings["options"]), token=token, **app_kwargs)
+
+
+# ------------------------------------------------------------------------------------------ binding
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); anything else reaches a network."""
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
+
+
+def bind_token(host: str, token_env: str | None, environ=None) -> str | None:
+    """The bearer token the service requires, read from the variable `token_env`; a `ConfigError` when a
+    non-loopback `host` is given without one, or the variable is unset or empty."""
+    from taxonomist.errors import ConfigError
+
+    environ = os.environ if environ is None else environ
+    if token_env is None:
+        if not is_loopback(host):
+            raise ConfigError(f"--host {host} is not a loopback address: serving beyond this machine needs a "
+                              "bearer token; put a secret in an environment variable and pass --token-env VAR")
+        return None
+    token = environ.get(token_env, "")
+    if not token.strip():
+        raise ConfigError(f"--token-env {token_env}: the environment variable {token_env} is "
+                          f"{'empty' if token_env in environ else 'not set'}; export {token_env}=<a secret> first")
+    return token.strip()
