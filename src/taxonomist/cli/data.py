@@ -1,4 +1,4 @@
-"""`taxonomist data synth|download|prepare|convert|explore|split`: everything before training."""
+"""`taxonomist data synth|download|prepare|convert|explore|split|fathomnet`: everything before training."""
 from __future__ import annotations
 
 import argparse
@@ -39,10 +39,15 @@ examples:
   taxonomist data convert photos/ data/photos --format imagefolder --resolve-worms
   taxonomist data convert FungiTastic-Mini-Train.csv data/fungi --format rank-csv \\
       --image-root FungiTastic-Mini/train/300p
+  taxonomist data convert data/fungi --format rank-csv --train FungiTastic-Train.csv \\
+      --val FungiTastic-Val.csv --test FungiTastic-Test.csv --image-root 'FungiTastic/{split}/300p'
 
 --link relative (default) copies nothing: annotations.csv paths are relative to OUT_DIR and point at the
 original files (../photos/Sebastes/001.jpg). --link symlink fills OUT_DIR/images with symlinks, --link copy
 with copies, --link none writes annotations.csv into the image folder itself (OUT_DIR = that folder).
+With --train/--val/--test the CSVs become one dataset with a `split` column; `{split}` in --image-root
+stands for each split's name. An empty rank cell means no name at that rank: the row's label is its
+deepest named rank, and a missing rank in between is skipped in the lineage.
 """
 
 EXPLORE_EXAMPLE = """\
@@ -64,6 +69,20 @@ column whole images move together. K folds: test is held out first, the other ro
 fold 0..K-1, stratified by label and grouped by image_id (ROIs of one frame never straddle folds).
 --ood-taxa N holds out N labels chosen by seed (never a whole phylum if avoidable); names hold out a
 label or every label below an internal node. The filters drop rows, so they need --out.
+"""
+
+FATHOMNET_EXAMPLE = """\
+examples:
+  taxonomist data fathomnet scan fathomnet-scan            # figures + plot + concept_counts.csv
+  taxonomist data fathomnet select --min 200 --max 20000 --classes 30 --under Actinopterygii \\
+      --counts fathomnet-scan --out fish.txt
+  taxonomist data fathomnet fetch fish.txt fathomnet-fish --max-per-class 300
+  taxonomist data download fathomnet-fish/fathomnet.json fathomnet-fish/images
+  taxonomist data prepare fathomnet-fish/fathomnet.json fathomnet-fish/images data/fish
+
+Counts are boxes (localizations) per concept, the unit the database counts by. `fetch` keeps each
+concept's answer in OUT_DIR/concepts/, so a run stopped by a timeout or a server error resumes where it
+stopped, and another --max-per-class or --seed needs no new request.
 """
 
 
@@ -125,7 +144,8 @@ def register(sub, formatter):
                         description="Write annotations.csv and taxonomy.csv for an ImageFolder (root/<label>/*.jpg) "
                                     "or a CSV with one column per rank (FungiTastic style).",
                         epilog=CONVERT_EXAMPLE, formatter_class=formatter)
-    c.add_argument("source", metavar="SOURCE", help="the image folder, or the CSV")
+    c.add_argument("source", metavar="SOURCE", nargs="?", default=None,
+                   help="the image folder, or the CSV (leave out with --train/--val/--test)")
     c.add_argument("out_dir", metavar="OUT_DIR")
     c.add_argument("--format", required=True, choices=("imagefolder", "rank-csv"))
     c.add_argument("--link", default="relative", choices=("relative", "symlink", "copy", "none"),
@@ -142,6 +162,9 @@ def register(sub, formatter):
     c.add_argument("--rank-column", action="append", default=[], metavar="RANK=COLUMN",
                    help="rank-csv: read RANK from COLUMN (repeatable), e.g. species=scientificName")
     c.add_argument("--skip-missing", action="store_true", help="rank-csv: leave out rows whose image is missing")
+    for split in ("train", "val", "test"):
+        c.add_argument(f"--{split}", default="", metavar="CSV",
+                       help=f"rank-csv: the {split} CSV; its rows get split={split} (instead of SOURCE)")
     c.set_defaults(func=run_convert)
 
     e = dsub.add_parser("explore", help="counts, imbalance, sizes, duplicates → PNG plots + summary.json",
@@ -169,6 +192,60 @@ def register(sub, formatter):
                     help="write the split dataset here (annotations.csv + taxonomy.csv, paths to the same "
                          "images) instead of in place; needed when the filters drop rows")
     sp.set_defaults(func=run_split)
+
+    fn = dsub.add_parser("fathomnet", help="the FathomNet database at the source: scan, select, fetch COCO",
+                         description="Database-wide figures, concept selection and COCO export from "
+                                     "database.fathomnet.org (needs the [fathomnet] extra and internet).",
+                         epilog=FATHOMNET_EXAMPLE, formatter_class=formatter)
+    fsub = fn.add_subparsers(dest="fathomnet_command", metavar="ACTION", required=True)
+    fs = fsub.add_parser("scan", help="concepts, images, boxes per concept → scan.json, scan.png, concept_counts.csv",
+                         formatter_class=formatter)
+    fs.add_argument("out_dir", metavar="OUT_DIR")
+    fs.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    fs.set_defaults(func=run_fathomnet_scan)
+    fl = fsub.add_parser("select", help="concepts with enough boxes (optionally under a taxon) → a name list",
+                         formatter_class=formatter)
+    fl.add_argument("--min", dest="min_count", type=int, default=1, help="fewest boxes a concept needs")
+    fl.add_argument("--max", dest="max_count", type=int, default=0, help="most boxes a concept may have (0 = no bound)")
+    fl.add_argument("--classes", type=int, default=0, help="keep the N concepts with most boxes (0 = all)")
+    fl.add_argument("--under", default="", metavar="TAXON", help="only the taxon and its WoRMS descendants")
+    fl.add_argument("--counts", default="", metavar="FILE_OR_DIR",
+                    help="select offline from a scan's concept_counts.csv (or its folder)")
+    fl.add_argument("--out", required=True, metavar="FILE", help="the concept list, one name a line")
+    fl.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    fl.set_defaults(func=run_fathomnet_select)
+    ff = fsub.add_parser("fetch", help="the boxes of chosen concepts → OUT_DIR/fathomnet.json (COCO), resumable",
+                         formatter_class=formatter)
+    ff.add_argument("concepts", metavar="CONCEPTS",
+                    help="a file from `select` (one name a line) or names joined by commas")
+    ff.add_argument("out_dir", metavar="OUT_DIR")
+    ff.add_argument("--max-per-class", type=int, default=0, help="at most N boxes per concept (0 = all)")
+    ff.add_argument("--seed", type=int, default=0, help="which boxes the cap keeps")
+    ff.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    ff.add_argument("--retries", type=int, default=2,
+                    help="retries after a timeout or server error (backoff 1 s, 2 s, …)")
+    ff.set_defaults(func=run_fathomnet_fetch)
+
+
+def run_fathomnet_scan(args) -> int:
+    from taxonomist.data.fathomnet_db import FathomNetAPI, scan_database
+    print(scan_database(args.out_dir, client=FathomNetAPI(timeout=args.timeout)))
+    return 0
+
+
+def run_fathomnet_select(args) -> int:
+    from taxonomist.data.fathomnet_db import FathomNetAPI, select_concepts
+    client = FathomNetAPI(timeout=args.timeout) if not args.counts or args.under else None
+    print(select_concepts(args.min_count, args.max_count, args.classes, args.under or None,
+                          counts=args.counts or None, out=args.out, client=client))
+    return 0
+
+
+def run_fathomnet_fetch(args) -> int:
+    from taxonomist.data.fathomnet_db import FathomNetAPI, fetch_coco
+    print(fetch_coco(args.concepts, args.out_dir, args.max_per_class, args.seed,
+                     client=FathomNetAPI(timeout=args.timeout, retries=args.retries), progress=True))
+    return 0
 
 
 def run_synth(args) -> int:
@@ -216,6 +293,8 @@ def run_convert(args) -> int:
                                      taxonomy=args.taxonomy or None, resolve_worms=args.resolve_worms,
                                      image_column=args.image_column or None, image_root=args.image_root or None,
                                      rank_columns=rank_columns or None, skip_missing=args.skip_missing,
+                                     splits={k: getattr(args, k) for k in ("train", "val", "test")
+                                             if getattr(args, k)} or None,
                                      worms_cache=args.cache or None, offline=args.offline, progress=True)
     for w in caught:  # one line each, like errors
         print(f"warning: {w.message}", file=sys.stderr)

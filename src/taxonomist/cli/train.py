@@ -38,6 +38,13 @@ def register(sub, formatter):
     p.set_defaults(func=run)
 
 
+def _log(line: str) -> None:
+    """Training's log lines: progress to stdout, `warning: …` lines to stderr like every other warning."""
+    import sys
+
+    print(line, file=sys.stderr if str(line).startswith("warning:") else sys.stdout)
+
+
 def run(args) -> int:
     import sys
 
@@ -50,7 +57,7 @@ def run(args) -> int:
     progress = sys.stderr.isatty()
     if args.kfold:
         from taxonomist.train.kfold import train_kfold
-        result = train_kfold(cfg, progress=progress, resume=args.resume)
+        result = train_kfold(cfg, progress=progress, resume=args.resume, log=_log)
         print(result.summary())
         if not args.no_calibrate:
             from taxonomist.inference.calibrate import calibrate_run
@@ -61,7 +68,7 @@ def run(args) -> int:
                     print(calibration.summary())
         return 0
     from taxonomist.train import train
-    result = train(cfg, progress=progress, resume=args.resume)
+    result = train(cfg, progress=progress, resume=args.resume, log=_log)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -28,6 +28,7 @@ IMAGE_COLUMNS = ("path", "image_path", "filepath", "file_path", "filename", "fil
 NULL_CELLS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
 LINK_MODES = ("relative", "symlink", "copy", "none")
 FORMATS = ("imagefolder", "rank-csv")
+SPLIT_NAMES = ("train", "val", "test", "ood")
 
 
 class FlatFolderWarning(UserWarning):
@@ -54,6 +55,7 @@ class SourceTable:
     notes: list[str] = field(default_factory=list)
     kind: str = "imagefolder"       # "imagefolder" or "rank-csv"
     csv_path: Path | None = None    # the rank CSV read, never to be overwritten
+    csv_paths: list[Path] = field(default_factory=list)   # all rank CSVs read (one per split)
 
     @property
     def labels(self) -> list[str]:
@@ -212,9 +214,48 @@ def read_rank_csv(csv_path: str | Path, image_column: str | None = None, image_r
         ['Fungi', 'Basidiomycota', 'Agaricomycetes', 'Agaricales', 'Amanitaceae', 'Amanita', 'Amanita muscaria']
     """
     csv_path = Path(csv_path)
-    frame = read_csv_table(csv_path)
-    lower = {c.lower(): c for c in frame.columns}
+    root = Path(image_root) if image_root is not None else csv_path.parent
+    return _read_rank_parts([(csv_path, None, root)], image_column, rank_columns, skip_missing)
 
+
+def read_split_csvs(csvs: Mapping[str, str | Path], image_column: str | None = None,
+                    image_root: str | Path | None = None, *, rank_columns: Mapping[str, str] | None = None,
+                    skip_missing: bool = False) -> SourceTable:
+    """Read one rank CSV per split (FungiTastic ships `…-Train.csv`, `…-Val.csv`, `…-Test.csv`) into one
+    table with a `split` column, checked as one: a taxon has one parent across all the files.
+
+    `csvs` maps split names (`train`, `val`, `test`, `ood`) to CSV files. `image_root` is one folder for
+    all, or a template with `{split}` (`FungiTastic/{split}/300p`); default: each CSV's folder. Columns
+    are matched per file, so a file may lack a rank column (its rows then have no name at that rank).
+
+    Example:
+        >>> table = read_split_csvs({"train": "FungiTastic-Train.csv", "val": "FungiTastic-Val.csv",   # doctest: +SKIP
+        ...                          "test": "FungiTastic-Test.csv"}, image_root="FungiTastic/{split}/300p")
+        >>> table.frame["split"].value_counts()                                                        # doctest: +SKIP
+    """
+    unknown = [k for k in csvs if k not in SPLIT_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown split {unknown[0]!r}{suggest(unknown[0], SPLIT_NAMES)}; "
+                          f"splits are {', '.join(SPLIT_NAMES)}")
+    if not csvs:
+        raise ConfigError("no CSV given (--train A.csv [--val B.csv] [--test C.csv])")
+    paths = [Path(p) for p in csvs.values()]
+    if len({os.path.abspath(p) for p in paths}) < len(paths):
+        raise ConfigError("the same CSV is given for two splits")
+    parts = []
+    for split, path in zip(csvs, paths):
+        if image_root is None:
+            root = path.parent
+        else:
+            root = Path(str(image_root).replace("{split}", split))
+        parts.append((path, split, root))
+    return _read_rank_parts(parts, image_column, rank_columns, skip_missing)
+
+
+def _columns_of(csv_path: Path, frame: pd.DataFrame, image_column: str | None,
+                rank_columns: Mapping[str, str] | None) -> tuple[str, dict[str, str]]:
+    """The image column and rank → column of one CSV."""
+    lower = {c.lower(): c for c in frame.columns}
     if image_column:
         col = lower.get(image_column.lower())
         if col is None:
@@ -225,7 +266,6 @@ def read_rank_csv(csv_path: str | Path, image_column: str | None = None, image_r
         if col is None:
             raise DataError(f"{csv_path}: no image path column (looked for {', '.join(IMAGE_COLUMNS)}); "
                             f"pass --image-column NAME (header: {','.join(frame.columns)})")
-
     mapping = {}
     for rank, name in (rank_columns or {}).items():
         if rank not in RANKS:
@@ -237,65 +277,111 @@ def read_rank_csv(csv_path: str | Path, image_column: str | None = None, image_r
     for rank in RANKS:
         if rank not in mapping and rank in lower:
             mapping[rank] = lower[rank]
-    ranks = [r for r in RANKS if r in mapping]
-    if not ranks:
+    if not mapping:
         raise DataError(f"{csv_path}: no rank columns (looked for {', '.join(RANKS)}, any case; "
                         f"header: {','.join(frame.columns)})")
     if col in mapping.values():
         raise DataError(f"{csv_path}: column {col!r} cannot be both the image path and a rank")
+    return col, mapping
 
-    paths = frame[col].to_numpy(dtype=object)
+
+def _read_rank_parts(parts: list[tuple[Path, str | None, Path]], image_column: str | None,
+                     rank_columns: Mapping[str, str] | None, skip_missing: bool) -> SourceTable:
+    """Read rank CSVs (path, split or None, image root) as one table; errors name the file and row."""
+    frames, maps, cols = [], [], []
+    for csv_path, _, _ in parts:
+        frame = read_csv_table(csv_path)
+        col, mapping = _columns_of(csv_path, frame, image_column, rank_columns)
+        frames.append(frame)
+        maps.append(mapping)
+        cols.append(col)
+    ranks = [r for r in RANKS if any(r in m for m in maps)]
+    file_of = np.concatenate([np.full(len(f), k) for k, f in enumerate(frames)]).astype(int)
+    row_of = np.concatenate([np.arange(len(f)) for f in frames]).astype(int)
+
+    def where(i: int) -> str:
+        return f"{parts[file_of[i]][0]}: row {row_of[i] + 2}"
+
+    def ref(i: int, j: int) -> str:  # row i seen from an error about row j
+        return f"row {row_of[i] + 2}" if file_of[i] == file_of[j] else f"{parts[file_of[i]][0]} row {row_of[i] + 2}"
+
+    paths = np.concatenate([f[c].to_numpy(dtype=object) for f, c in zip(frames, cols)])
     no_path = np.flatnonzero(paths == "")
     if len(no_path):
-        raise DataError(f"{csv_path}: row {no_path[0] + 2}: empty {col!r} (image path)")
-    cells = np.stack([frame[mapping[r]].to_numpy(dtype=object) for r in ranks], axis=1)
+        raise DataError(f"{where(no_path[0])}: empty {cols[file_of[no_path[0]]]!r} (image path)")
+    cells = np.stack([np.concatenate([f[m[r]].to_numpy(dtype=object) if r in m else np.full(len(f), "", dtype=object)
+                                      for f, m in zip(frames, maps)]) for r in ranks], axis=1)
     cells[np.isin(np.char.lower(cells.astype(str)), list(NULL_CELLS))] = ""
     named = cells != ""
     unnamed = np.flatnonzero(~named.any(axis=1))
     if len(unnamed):
+        k = file_of[unnamed[0]]
         more = f" ({len(unnamed) - 1} more such rows)" if len(unnamed) > 1 else ""
-        raise DataError(f"{csv_path}: row {unnamed[0] + 2}: no name in any rank column "
-                        f"({', '.join(mapping[r] for r in ranks)}){more}")
-    _check_lineages(csv_path, cells, named, ranks, [mapping[r] for r in ranks])
+        raise DataError(f"{where(unnamed[0])}: no name in any rank column "
+                        f"({', '.join(maps[k][r] for r in ranks if r in maps[k])}){more}")
+    column_names = [next(m[r] for m in maps if r in m) for r in ranks]
+    _check_lineages(where, ref, cells, named, ranks, column_names)
 
     # the label is the deepest named rank of the row
     deepest = named.shape[1] - 1 - np.argmax(named[:, ::-1], axis=1)
     labels = cells[np.arange(len(cells)), deepest]
 
-    root = Path(image_root) if image_root is not None else csv_path.parent
-    if not root.is_dir():
-        raise DataError(f"{root}: image root not found (the folder the {col!r} paths are relative to)")
-    base = os.path.abspath(root)
-    sources = np.array([os.path.normpath(os.path.join(base, p)) for p in paths], dtype=object)
+    sources = np.empty(len(paths), dtype=object)
+    for k, (csv_path, _, root) in enumerate(parts):
+        if not root.is_dir():
+            raise DataError(f"{root}: image root not found (the folder the {cols[k]!r} paths of {csv_path.name} "
+                            "are relative to)")
+        base = os.path.abspath(root)
+        mine = np.flatnonzero(file_of == k)
+        sources[mine] = [os.path.normpath(os.path.join(base, p)) for p in paths[mine]]
     exists = np.array([os.path.isfile(s) for s in sources], dtype=bool)
     notes = []
     if not exists.all():
         missing = np.flatnonzero(~exists)
+        first, root = missing[0], parts[file_of[missing[0]]][2]
         if not skip_missing:
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-            raise DataError(f"{csv_path}: row {missing[0] + 2}: image {paths[missing[0]]!r} not found under {root}"
+            raise DataError(f"{where(first)}: image {paths[first]!r} not found under {root}"
                             f"{more}; pass --image-root DIR, or --skip-missing to leave such rows out")
-        notes.append(f"{len(missing)} rows whose image is missing were left out (first: row {missing[0] + 2}, "
-                     f"{paths[missing[0]]!r})")
+        notes.append(f"{len(missing)} rows whose image is missing were left out (first: {where(first)}, "
+                     f"{paths[first]!r})")
         if len(missing) == len(paths):
-            raise DataError(f"{csv_path}: none of the {len(paths)} images exists under {root}")
+            raise DataError(f"{parts[0][0]}: none of the {len(paths)} images exists under {root}")
 
     out = pd.DataFrame({"source": sources, "label": labels})
     for target, candidates in (("annotation_id", ("annotation_id",)), ("image_id", ("image_id", "observationid"))):
-        found = next((lower[c] for c in candidates if c in lower), None)
-        if found is not None:
-            out[target] = frame[found].to_numpy()
+        values, found_any = [], False
+        for f in frames:
+            lower = {c.lower(): c for c in f.columns}
+            found = next((lower[c] for c in candidates if c in lower), None)
+            found_any |= found is not None
+            values.append(f[found].to_numpy(dtype=object) if found is not None else np.full(len(f), "", dtype=object))
+        if found_any:
+            out[target] = np.concatenate(values)
+    if any(split is not None for _, split, _ in parts):
+        out["split"] = np.array([parts[k][1] for k in file_of], dtype=object)
+        if "image_id" in out:  # one observation's photos in two splits: the files leak into each other
+            ids = out["image_id"].astype(str)
+            spread = out["split"].groupby(ids).transform("nunique").to_numpy() > 1
+            spread &= (ids != "").to_numpy()
+            if spread.any():
+                notes.append(f"{ids[spread].nunique()} image_id values (e.g. {ids[spread].iloc[0]!r}) have rows "
+                             "in more than one split CSV")
     out = out[exists].reset_index(drop=True)
 
     # one taxonomy row per label, from the first row that carries it (the checks made lineages unique)
     kept = np.flatnonzero(exists)
     first = pd.Series(kept).groupby(labels[kept], sort=False).first()
     rows = [{"concept_name": lab, **{r: cells[i, k] for k, r in enumerate(ranks)}} for lab, i in first.items()]
-    tax = parse_taxonomy(["concept_name", *ranks], rows, f"{csv_path} (rank columns)")
-    return SourceTable(root, out, tax, f"rank columns of {csv_path.name}", notes, kind="rank-csv", csv_path=csv_path)
+    names = ", ".join(p.name for p, _, _ in parts)
+    tax = parse_taxonomy(["concept_name", *ranks], rows, f"{names} (rank columns)")
+    root = Path(os.path.commonpath([os.path.abspath(r) for *_, r in parts])) if len(parts) > 1 else parts[0][2]
+    return SourceTable(root, out, tax, f"rank columns of {names}", notes, kind="rank-csv", csv_path=parts[0][0],
+                       csv_paths=[p for p, _, _ in parts])
 
 
-def _check_lineages(path: Path, cells: np.ndarray, named: np.ndarray, ranks: list[str], columns: list[str]) -> None:
+def _check_lineages(where: Callable[[int], str], ref: Callable[[int, int], str], cells: np.ndarray,
+                    named: np.ndarray, ranks: list[str], columns: list[str]) -> None:
     """Every name sits at one rank and under one parent; otherwise name the two rows that disagree."""
     n, r = cells.shape
     row_idx, rank_idx = np.nonzero(named)
@@ -306,8 +392,8 @@ def _check_lineages(path: Path, cells: np.ndarray, named: np.ndarray, ranks: lis
         name = ranks_per_name.index[np.argmax(ranks_per_name.to_numpy() > 1)]
         hits = long[long["name"] == name].drop_duplicates("rank")
         a, b = hits.iloc[0], hits.iloc[1]
-        raise TaxonomyError(f"{path}: row {b['row'] + 2}: {name!r} is a {ranks[b['rank']]} here but a "
-                            f"{ranks[a['rank']]} in row {a['row'] + 2} "
+        raise TaxonomyError(f"{where(b['row'])}: {name!r} is a {ranks[b['rank']]} here but a "
+                            f"{ranks[a['rank']]} in {ref(a['row'], b['row'])} "
                             f"(columns {columns[a['rank']]}, {columns[b['rank']]})")
     # parent of each cell = the nearest named cell to its left (a missing rank in between is skipped)
     filled = np.where(named, np.arange(r)[None, :], -1)
@@ -323,17 +409,18 @@ def _check_lineages(path: Path, cells: np.ndarray, named: np.ndarray, ranks: lis
         rec, earlier = long.iloc[k], first.iloc[k]
         def show(p):
             return repr(p) if p else "no parent"
-        raise TaxonomyError(f"{path}: row {rec['row'] + 2}: {ranks[rec['rank']]} {rec['name']!r} is under "
-                            f"{show(rec['parent'])} here but under {show(earlier['parent'])} in row "
-                            f"{earlier['row'] + 2} (a taxon has one parent)")
+        raise TaxonomyError(f"{where(rec['row'])}: {ranks[rec['rank']]} {rec['name']!r} is under "
+                            f"{show(rec['parent'])} here but under {show(earlier['parent'])} in "
+                            f"{ref(earlier['row'], rec['row'])} (a taxon has one parent)")
 
 
 # --------------------------------------------------------------------------------------------- writing
-def convert_to_dataset(source: SourceTable | str | Path, out_dir: str | Path | None = None, *,
+def convert_to_dataset(source: SourceTable | str | Path | None, out_dir: str | Path | None = None, *,
                        format: str = "imagefolder", link: str = "relative",
                        taxonomy: str | Path | Taxonomy | None = None, resolve_worms: bool = False,
                        image_column: str | None = None, image_root: str | Path | None = None,
                        rank_columns: Mapping[str, str] | None = None, skip_missing: bool = False,
+                       splits: Mapping[str, str | Path] | None = None,
                        worms_client: Callable | None = None, worms_cache: str | Path | None = None,
                        offline: bool = False, progress: bool = False) -> ConvertSummary:
     """Write a dataset directory (annotations.csv, taxonomy.csv) for an image folder or a rank CSV.
@@ -351,6 +438,9 @@ def convert_to_dataset(source: SourceTable | str | Path, out_dir: str | Path | N
     - `none`: annotations.csv (and taxonomy.csv) are written into the image root itself, paths relative
       to it; `out_dir` must then be None or that folder.
 
+    `splits` ({"train": A.csv, "val": B.csv, "test": C.csv}) reads one rank CSV per split instead of
+    `source` (which must then be None) and writes their rows with a `split` column (`read_split_csvs`).
+
     Example:
         >>> convert_to_dataset("photos", "data/photos", taxonomy="fathomnet2025")   # doctest: +SKIP
         >>> load_dataset("data/photos").labels[:1]                                    # doctest: +SKIP
@@ -359,7 +449,19 @@ def convert_to_dataset(source: SourceTable | str | Path, out_dir: str | Path | N
     if link not in LINK_MODES:
         raise ConfigError(f"unknown link mode {link!r}{suggest(link, LINK_MODES)}; "
                           f"expected one of {', '.join(LINK_MODES)}")
-    if isinstance(source, SourceTable):
+    if splits:
+        if source is not None:
+            raise ConfigError("give either SOURCE or per-split CSVs (--train/--val/--test), not both")
+        if format != "rank-csv":
+            raise ConfigError("--train/--val/--test take rank CSVs: use --format rank-csv")
+        if taxonomy is not None or resolve_worms:
+            raise ConfigError("rank CSVs carry their own taxonomy; --taxonomy and --resolve-worms apply to "
+                              "--format imagefolder only")
+        table = read_split_csvs(splits, image_column, image_root, rank_columns=rank_columns,
+                                skip_missing=skip_missing)
+    elif source is None:
+        raise ConfigError("no SOURCE given (an image folder or a rank CSV; or --train/--val/--test CSVs)")
+    elif isinstance(source, SourceTable):
         table = source
     else:
         if format not in FORMATS:
@@ -398,8 +500,9 @@ def convert_to_dataset(source: SourceTable | str | Path, out_dir: str | Path | N
         raise DataError(f"{out / TAXONOMY}: exists, but this conversion has no taxonomy; pass "
                         f"--taxonomy {out / TAXONOMY} to use it, or delete it")
     target = out / ANNOTATIONS
-    if table.csv_path is not None and os.path.abspath(table.csv_path) == os.path.abspath(target):
-        raise DataError(f"{target}: would overwrite the source CSV; choose another OUT_DIR")
+    for csv_path in table.csv_paths or ([table.csv_path] if table.csv_path is not None else []):
+        if os.path.abspath(csv_path) == os.path.abspath(target):
+            raise DataError(f"{target}: would overwrite the source CSV; choose another OUT_DIR")
 
     sources = table.frame["source"].tolist()
     written = reused = 0
@@ -484,5 +587,6 @@ def _materialize(sources: Sequence[str], targets: Sequence[str], link: str, prog
     return written, reused
 
 
-__all__ = ["SourceTable", "ConvertSummary", "read_image_folder", "read_rank_csv", "convert_to_dataset",
-           "IMAGE_EXTENSIONS", "IMAGE_COLUMNS", "LINK_MODES", "FORMATS", "FlatFolderWarning"]
+__all__ = ["SourceTable", "ConvertSummary", "read_image_folder", "read_rank_csv", "read_split_csvs",
+           "convert_to_dataset", "IMAGE_EXTENSIONS", "IMAGE_COLUMNS", "LINK_MODES", "FORMATS", "SPLIT_NAMES",
+           "FlatFolderWarning"]
