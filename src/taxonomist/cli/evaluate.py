@@ -7,6 +7,7 @@ examples:
   taxonomist evaluate runs/first --data data/synth --decision min-risk --candidates all --out runs/first/min-risk
   taxonomist evaluate runs/first/checkpoints/best.safetensors --data data/fungi --critical "Amanita phalloides"
   taxonomist evaluate runs/first --data data/synth --decision backoff --thresholds species=0.6,genus=0.7
+  taxonomist evaluate runs/first --data data/synth --model-ood odin mc-dropout --ensemble runs/second
 
 Writes metrics.json (mhd, top1, log_loss, macro_f1, hierarchical_accuracy, per_rank, ece, ece_uncalibrated, n,
 per-label precision/recall/F1, ood when the dataset has ood rows and the checkpoint OOD scorers),
@@ -32,6 +33,12 @@ def register(sub, formatter):
                    help="back-off thresholds per rank or depth (species=0.55,genus=0.6), or selective's one threshold")
     p.add_argument("--critical", nargs="+", action="extend", default=[], metavar="TAXON",
                    help="taxa whose accuracy at every rank of their lineage the report details")
+    p.add_argument("--model-ood", nargs="+", action="extend", default=[], metavar="METHOD",
+                   choices=["odin", "mc-dropout"],
+                   help="OOD scores that rerun the model on the ood rows: odin (input perturbation, T=1000), "
+                        "mc-dropout (predictive entropy over 10 dropout passes)")
+    p.add_argument("--ensemble", nargs="+", action="extend", default=[], metavar="RUN_OR_CHECKPOINT",
+                   help="other checkpoints with the same labels: adds ood.ensemble (their disagreement)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = chosen for the machine")
@@ -70,7 +77,8 @@ def run(args) -> int:
     ev = evaluate_run(args.run, data=args.data, split=args.split, out=args.out, device=args.device,
                       batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
                       decision=args.decision, candidates=args.candidates,
-                      thresholds=parse_thresholds(args.thresholds))
+                      thresholds=parse_thresholds(args.thresholds), model_ood=args.model_ood,
+                      ensemble=args.ensemble)
     print(ev.summary())
     print(f"metrics      {ev.out_dir / 'metrics.json'}")
     print(f"predictions  {ev.out_dir / 'predictions.csv'}")

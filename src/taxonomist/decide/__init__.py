@@ -17,8 +17,10 @@ from taxonomist.decide.candidates import CANDIDATE_KEYWORDS, candidate_mask, can
 from taxonomist.decide.ensemble import (COMBINE_MODES, VIEW_MODES, aggregate_views, combine_probs,
                                         fit_ensemble_weights)
 from taxonomist.decide.ood import (OOD_METHODS, OOD_SCORERS, EnergyScorer, KNNScorer, MahalanobisScorer,
-                                   MaxLogitScorer, MSPScorer, OODScorer, build_ood_scorer, load_ood_scorer,
-                                   ood_fallback, ood_metrics, threshold_for_tpr, threshold_metrics)
+                                   MaxLogitScorer, MSPScorer, OODScorer, STACK_SCORES, build_ood_scorer,
+                                   ensemble_disagreement, load_ood_scorer, mutual_information, ood_fallback,
+                                   ood_metrics, predictive_entropy, stack_score, threshold_for_tpr,
+                                   threshold_metrics, variation_ratio)
 from taxonomist.decide.rules import (DECISIONS, Decisions, ancestor_operator, argmax_decision, backoff_decision,
                                      coverage_risk_curve, decide, default_thresholds, expected_distance,
                                      hierarchical_coverage, min_risk_decision, node_probabilities, node_thresholds,
@@ -31,7 +33,8 @@ __all__ = [
     "COMBINE_MODES", "VIEW_MODES", "combine_probs", "fit_ensemble_weights", "aggregate_views",
     "OOD_METHODS", "OOD_SCORERS", "OODScorer", "MSPScorer", "MaxLogitScorer", "EnergyScorer", "MahalanobisScorer",
     "KNNScorer", "build_ood_scorer", "load_ood_scorer", "ood_metrics", "threshold_for_tpr", "threshold_metrics",
-    "ood_fallback",
+    "ood_fallback", "STACK_SCORES", "predictive_entropy", "mutual_information", "variation_ratio", "stack_score",
+    "ensemble_disagreement",
     "DECISIONS", "Decisions", "decide", "argmax_decision", "min_risk_decision", "expected_distance",
     "backoff_decision", "selective_decision", "coverage_risk_curve", "hierarchical_coverage", "node_probabilities",
     "node_thresholds", "default_thresholds", "ancestor_operator", "undominated_candidates",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -109,11 +109,30 @@ def _checkpoint_ood(ckpt: Path) -> tuple[dict, dict, str | None]:
     return scorers, {m: ood_threshold(ckpt, m, OOD_KNOWN_TPR) for m in scorers}, None
 
 
+def write_predictions(out_dir: Path, rows: pd.DataFrame, indices, columns: dict, notes: list[str]) -> pd.DataFrame:
+    """Write and return `predictions.csv` of an evaluation: one row per evaluated example (`rows` at `indices`),
+    the input's ids and `columns`; images left out as unreadable are counted in `notes`."""
+    skipped = len(rows) - len(indices)
+    if skipped:
+        notes.append(f"{skipped} unreadable image(s) were skipped")
+    sub = rows.iloc[indices]
+    frame = pd.DataFrame({"path": sub["path"].to_numpy(), **columns})
+    for col in ("annotation_id", "image_id"):
+        if col in sub.columns:
+            frame.insert(1, col, sub[col].to_numpy())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
 def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",
                  out: str | Path | None = None, device: str = "auto", batch_size: int = 64,
                  num_workers: int = -1, progress: bool = True, decision: str | None = None,
                  candidates: str | list[str] | None = None, thresholds: Mapping | float | None = None,
-                 ood_scorers: Mapping | None = None) -> Evaluation:
+                 ood_scorers: Mapping | None = None, model_ood: Sequence[str] = (),
+                 model_ood_options: Mapping[str, dict] | None = None,
+                 ensemble: Sequence[str | Path] = ()) -> Evaluation:
     """Run the checkpoint over `split` of the dataset and write metrics.json + predictions.csv into `out`
     (default: the run directory). `split` falls back to the validation rows when the dataset has no test split.
 
@@ -122,6 +141,11 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             its candidate set (`candidate_nodes` spec) and thresholds; default: the run's `decide` config.
         ood_scorers: fitted `OODScorer`s by method; default: those stored beside the checkpoint
             (`best.ood.safetensors`). With scorers and `ood` rows in the dataset, metrics.json gets `ood`.
+        model_ood: OOD scores that need the model (`odin`, `mc-dropout`; `inference.ood_model`), computed on the
+            split and the `ood` rows; options per method in `model_ood_options` (e.g. `{"odin": {"epsilon":
+            0.002}}`). Their threshold keeps 95 % of the dataset's `val` rows when it has some.
+        ensemble: further checkpoints with the same labels: `ood.ensemble` scores each example by the members'
+            disagreement (`decide.ensemble_disagreement`, mutual information, each member at its temperature).
     """
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
@@ -129,6 +153,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     from taxonomist.train.loop import configure_threads, select_device
 
     ckpt = resolve_checkpoint(run_or_checkpoint)
+    _check_model_ood(model_ood)  # before minutes of inference, not after
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     cfg_file = run_dir / "config.yaml" if run_dir else None
     run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
@@ -161,14 +186,18 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     pre = meta["preprocessing"]
     tf = build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
 
-    def infer(subset: pd.DataFrame, desc: str, allow_unknown: bool = False):
-        two_stream = meta["head"] == "two_stream"
-        ds = TaxonDataset(dataset, subset, tf, context_transform=tf if two_stream else None,
+    def infer(subset: pd.DataFrame, desc: str, allow_unknown: bool = False, runner=None, member=None):
+        mod, mmeta = member or (model, meta)
+        mtf = tf if member is None else _eval_transforms(mmeta, build_transforms)
+        two_stream = mmeta["head"] == "two_stream"
+        ds = TaxonDataset(dataset, subset, mtf, context_transform=mtf if two_stream else None,
                           with_context=two_stream, label_index=label_index, allow_unknown=allow_unknown,
-                          path_column=meta["data"].get("input", "path"))
+                          path_column=mmeta["data"].get("input", "path"))
         loader = build_loader(ds, batch_size, train=False, num_workers=num_workers)
         try:
-            return run_inference(model, loader, dev, progress=progress, desc=desc)
+            if runner is not None:
+                return runner(mod, loader)
+            return run_inference(mod, loader, dev, progress=progress, desc=desc)
         finally:
             loader.close()
 
@@ -188,6 +217,11 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             unk = infer(ood_rows, "evaluate ood", allow_unknown=True)
             ood_scores = {method: (scorer.score(res.features, res.logits), scorer.score(unk.features, unk.logits))
                           for method, scorer in ood_scorers.items()}
+        if model_ood or ensemble:
+            extra, extra_thr = _model_ood(infer, model, meta, dataset, rows, ood_rows, used_split, model_ood,
+                                          model_ood_options or {}, ensemble, res, dev, progress)
+            ood_scores = {**(ood_scores or {}), **extra}
+            ood_thr = {**ood_thr, **extra_thr}
 
     temperature = float(meta.get("temperature", 1.0))
     metric = meta.get("metric", "lca")
@@ -195,28 +229,95 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                               candidates=cand_names, thresholds=thr, rank_logits=res.rank_logits,
                               ood_scores=ood_scores, ood_thresholds=ood_thr)
     m = result.metrics
+    for method in set(m.get("ood") or {}) & set(ood_thr) - set(ood_scorers or {}):
+        m["ood"][method]["threshold_source"] = f"{OOD_KNOWN_TPR:.0%} of the val rows kept"
     out_dir = Path(out) if out else (run_dir or ckpt.parent)
     m.update(split=used_split, candidates=spec, thresholds=thr, checkpoint=str(ckpt.resolve()),
              run_dir=str(run_dir.resolve()) if run_dir else None, data=str(Path(data).resolve()),
              taxonomy_hash=taxonomy.hash, epoch=meta.get("epoch"), group_level=_group_level(taxonomy))
     m["notes"] = notes + m["notes"]
-    skipped = len(rows) - len(res.indices)
-    if skipped:
-        m["notes"].append(f"{skipped} unreadable image(s) were skipped")
-
-    sub = rows.iloc[res.indices]
-    frame = pd.DataFrame({"path": sub["path"].to_numpy(), **result.columns})
-    for col in ("annotation_id", "image_id"):
-        if col in sub.columns:
-            frame.insert(1, col, sub[col].to_numpy())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "predictions.csv") as tmp:
-        frame.to_csv(tmp, index=False)
+    frame = write_predictions(out_dir, rows, res.indices, result.columns, m["notes"])
     if run_dir is None or out_dir.resolve() != run_dir.resolve():
         # the report reads lineages from the evaluation folder, which need not be a run directory
         write_taxonomy(taxonomy, out_dir / "taxonomy.csv")
     atomic_write_json(out_dir / "metrics.json", m)
     return Evaluation(m, frame, out_dir, used_split, res)
+
+
+def _eval_transforms(meta: dict, build_transforms):
+    cfg = Config()
+    cfg.data.image_size = int(meta["image_size"])
+    cfg.data.resize = meta["data"]["resize"]
+    cfg.data.grayscale = meta["data"]["grayscale"]
+    cfg.augment.crop_pct = meta["data"]["crop_pct"]
+    pre = meta["preprocessing"]
+    return build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
+
+
+def _check_model_ood(methods: Sequence[str]) -> None:
+    from taxonomist.inference.ood_model import MODEL_OOD_METHODS
+    from taxonomist.taxonomy import suggest
+    if isinstance(methods, str):
+        raise ConfigError(f"model_ood must be a list of methods, got the string {methods!r}")
+    for method in methods:
+        if method not in MODEL_OOD_METHODS:
+            raise ConfigError(f"unknown model OOD method {method!r}{suggest(str(method), MODEL_OOD_METHODS)}; "
+                              f"choose from {', '.join(MODEL_OOD_METHODS)}")
+
+
+def _model_ood(infer, model, meta, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,
+               progress) -> tuple[dict, dict]:
+    """Scores of the model-side OOD methods and of ensemble disagreement on (known rows, ood rows), and their
+    thresholds (95 % of the `val` rows kept) when the dataset has val rows other than the evaluated ones."""
+    import numpy as np
+
+    from taxonomist.decide import ensemble_disagreement
+    from taxonomist.inference.calibrate import known_threshold
+    from taxonomist.inference.ood_model import model_ood_scores
+    from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    val_rows = rows.iloc[:0]
+    if used_split != "val" and "split" in dataset.annotations.columns:
+        val_rows = dataset.annotations[dataset.annotations["split"] == "val"]
+    temperature = float(meta.get("temperature", 1.0))
+    std = meta["preprocessing"]["std"]
+    scores, thresholds = {}, {}
+    for method in dict.fromkeys(methods):
+        def runner(mod, loader, method=method):
+            return model_ood_scores(method, mod, loader, dev, temperature, std, options.get(method), progress)
+        known = infer(rows, method, runner=runner).scores
+        unknown = infer(ood_rows, method, allow_unknown=True, runner=runner).scores
+        scores[method] = (known, unknown)
+        if not val_rows.empty:
+            thresholds[method] = known_threshold(infer(val_rows, method, runner=runner).scores, OOD_KNOWN_TPR)
+    if ensemble:
+        labels = list(meta["labels"])
+        members = []
+        for path in ensemble:
+            ckpt = resolve_checkpoint(path)
+            mod, mmeta, _ = load_checkpoint(ckpt, device=str(dev))
+            if list(mmeta["labels"]) != labels:
+                raise ConfigError(f"{ckpt}: an ensemble member must have the evaluated model's labels in the same "
+                                  f"order ({len(mmeta['labels'])} labels vs {len(labels)})")
+            members.append((mod, mmeta))
+        subsets = {"known": rows, "unknown": ood_rows, "val": val_rows}
+        base = {"known": res, "unknown": infer(ood_rows, "ensemble", allow_unknown=True)}
+        if not val_rows.empty:
+            base["val"] = infer(val_rows, "ensemble")
+        out = {}
+        for key, first in base.items():
+            logits, temps = [first.logits], [temperature]
+            for mod, mmeta in members:
+                r = infer(subsets[key], "ensemble", allow_unknown=key == "unknown", member=(mod, mmeta))
+                if not np.array_equal(r.indices, first.indices):
+                    raise DataError(f"{dataset.root}: ensemble members read different images of the {key} rows")
+                logits.append(r.logits)
+                temps.append(float(mmeta.get("temperature", 1.0)))
+            out[key] = ensemble_disagreement(logits, temps)
+        scores["ensemble"] = (out["known"], out["unknown"])
+        if "val" in out:
+            thresholds["ensemble"] = known_threshold(out["val"], OOD_KNOWN_TPR)
+    return scores, thresholds
 
 
 def _group_level(taxonomy: Taxonomy) -> str | None:

@@ -19,6 +19,7 @@ from taxonomist.taxonomy.core import suggest
 
 SCRATCH = "scratch_cnn"
 MODULE_PREFIX = "module:"
+OPEN_CLIP_PREFIX = "open_clip:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,7 +43,9 @@ def create_backbone(name: str, image_size: int, pretrained: str = "none") -> Bac
     """Build the backbone `name` for square inputs of `image_size` pixels and load its weights.
 
     `name` is a timm model name (optionally with a pretrained tag, `convnext_tiny.fb_in22k`), `scratch_cnn`,
-    or `module:PACKAGE.PATH:FACTORY`. The factory protocol: `FACTORY()` takes no arguments and returns an
+    `module:PACKAGE.PATH:FACTORY`, or `open_clip:NAME` — the image encoder of an open_clip model, e.g.
+    `open_clip:hf-hub:imageomics/bioclip` (BioCLIP; `auto` downloads it from the hub; needs `[bioclip]`).
+    The factory protocol: `FACTORY()` takes no arguments and returns an
     `nn.Module` that maps float images (B, 3, H, W) to features (B, F). Optional attributes on it:
     `num_features` (else F is inferred from one forward pass on zeros), `preprocessing` (a dict with
     `mean`, `std`, `interpolation`; else ImageNet statistics, bilinear) and `blocks` (a sequence of its
@@ -75,6 +78,12 @@ def create_backbone(name: str, image_size: int, pretrained: str = "none") -> Bac
         bb = Backbone(module, name, module.num_features, dict(module.preprocessing), "scratch")
     elif name.startswith(MODULE_PREFIX):
         bb = _factory_backbone(name, image_size)
+    elif name.startswith(OPEN_CLIP_PREFIX):
+        from taxonomist.models.bioclip import open_clip_backbone
+        module = open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], image_size,
+                                    "auto" if pretrained == "auto" else "none")  # a file is loaded below
+        bb = Backbone(module, name, module.num_features, dict(module.preprocessing), "open_clip",
+                      "open_clip" if pretrained == "auto" else "none")
     else:
         bb = _timm_backbone(name, image_size, auto=pretrained == "auto")
     if path is not None:
