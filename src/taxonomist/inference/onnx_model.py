@@ -61,6 +61,8 @@ def file_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
                          "needed to export)") from None
     rest = {k: v for k, v in meta.items()
             if k not in ("labels", "taxonomy", "image_size", "preprocessing", "data", "temperature")}
+    # the hash as this version computes it: a checkpoint from an older taxonomist may carry another formula's
+    rest["taxonomy_hash"] = taxonomy.hash
     return {FORMAT_KEY: str(FORMAT_VERSION), LABELS_KEY: json.dumps(list(meta["labels"])),
             TAXONOMY_KEY: taxonomy_csv_text(taxonomy), PREPROCESSING_KEY: json.dumps(preprocessing),
             TEMPERATURE_KEY: repr(float(meta.get("temperature", 1.0))), METADATA_KEY: json.dumps(rest)}
