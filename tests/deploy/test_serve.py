@@ -19,7 +19,6 @@ pytest.importorskip("python_multipart")
 from fastapi.testclient import TestClient
 
 from taxonomist.cli.main import main
-from taxonomist.config import load_config
 from taxonomist.deploy.serve import MicroBatcher, ServeOptions, create_app, decode_upload
 from taxonomist.deploy.serve.app import bind_token, is_loopback
 from taxonomist.errors import ConfigError, ModelError
@@ -29,24 +28,9 @@ torch.set_num_threads(1)
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A tiny calibrated run on synthetic data (6 taxa, one held out as OOD)."""
-    from taxonomist.data.split import split_dataset
-    from taxonomist.data.synth import synthesize
-    from taxonomist.inference import calibrate_run
-    from taxonomist.train import train
-
-    base = tmp_path_factory.mktemp("serve")
-    data, run = base / "synth", base / "run"
-    synthesize(data, n_taxa=6, per_class=8, image_size=32, seed=3)
-    split_dataset(data, val=0.2, test=0.2, ood_taxa=1, seed=0)
-    cfg = load_config(None, [f"data.root={data}", f"out={run}", "data.image_size=32", "data.num_workers=0",
-                             "model.backbone=test_efficientnet", "model.pretrained=none", "train.batch_size=8",
-                             "train.epochs=1", "train.lr=3e-3", "train.device=cpu", "train.tensorboard=false",
-                             "augment.randaugment=", "train.seed=0"])
-    train(cfg, progress=False, log=lambda *_: None)
-    calibrate_run(run, device="cpu", num_workers=0)
-    return run, data
+def served(served_run):
+    """A tiny calibrated run on synthetic data (6 taxa, one held out as OOD), shared with the browser test."""
+    return served_run
 
 
 @pytest.fixture(scope="module")

@@ -158,22 +158,8 @@ def start_server(model: Path, port: int, *extra: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from taxonomist.config import load_config
-    from taxonomist.data.split import split_dataset
-    from taxonomist.data.synth import synthesize
-    from taxonomist.inference import calibrate_run
-    from taxonomist.train import train
-
-    base = tmp_path_factory.mktemp("serve-page")
-    data, run = base / "synth", base / "run"
-    synthesize(data, n_taxa=6, per_class=8, image_size=32, seed=4)
-    split_dataset(data, val=0.2, test=0.2, ood_taxa=1, seed=0)
-    train(load_config(None, [f"data.root={data}", f"out={run}", "data.image_size=32", "data.num_workers=0",
-                             "model.backbone=test_efficientnet", "model.pretrained=none", "train.batch_size=8",
-                             "train.epochs=1", "train.device=cpu", "train.tensorboard=false",
-                             "augment.randaugment="]), progress=False, log=lambda *_: None)
-    calibrate_run(run, device="cpu", num_workers=0)
+def served(served_run):
+    run, data = served_run
     port = free_port()
     proc = start_server(run, port, "--ood", "energy")
     yield f"http://127.0.0.1:{port}", data

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
+from taxonomist.data.loading import TaxonDataset, build_loader
 from taxonomist.decide import MSPScorer
 from taxonomist.errors import ConfigError, ModelError, TaxonomistError
-from taxonomist.evaluate.run import _eval_transforms
+from taxonomist.inference.run_model import eval_transform
 from taxonomist.inference.ood_model import dropout_layers, mc_dropout_probs, mc_dropout_scores, odin_scores
 from taxonomist.train.checkpoint import load_checkpoint
 from taxonomist.train.inference import run_inference
@@ -25,7 +25,7 @@ def model_and_loader(tiny_run, tiny_data):
     dataset = _open_dataset(tiny_data, taxonomy)
     rows = dataset.annotations[dataset.annotations["split"] == "test"]
     labels = {lab: i for i, lab in enumerate(meta["labels"])}
-    ds = TaxonDataset(dataset, rows, _eval_transforms(meta, build_transforms), label_index=labels)
+    ds = TaxonDataset(dataset, rows, eval_transform(meta), label_index=labels)
     return model, meta, build_loader(ds, 8, train=False, num_workers=0)
 
 

@@ -147,7 +147,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         ensemble: further checkpoints with the same labels: `ood.ensemble` scores each example by the members'
             disagreement (`decide.ensemble_disagreement`, mutual information, each member at its temperature).
     """
-    from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
+    from taxonomist.data.loading import TaxonDataset, build_loader
+    from taxonomist.inference.run_model import eval_transform
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
     from taxonomist.train.inference import run_inference
     from taxonomist.train.loop import configure_threads, select_device
@@ -178,17 +179,11 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     labels = list(taxonomy.labels)
     label_index = {lab: i for i, lab in enumerate(labels)}
 
-    cfg = Config()
-    cfg.data.image_size = int(meta["image_size"])
-    cfg.data.resize = meta["data"]["resize"]
-    cfg.data.grayscale = meta["data"]["grayscale"]
-    cfg.augment.crop_pct = meta["data"]["crop_pct"]
-    pre = meta["preprocessing"]
-    tf = build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
+    tf = eval_transform(meta)
 
     def infer(subset: pd.DataFrame, desc: str, allow_unknown: bool = False, runner=None, member=None):
         mod, mmeta = member or (model, meta)
-        mtf = tf if member is None else _eval_transforms(mmeta, build_transforms)
+        mtf = tf if member is None else eval_transform(mmeta)
         two_stream = mmeta["head"] == "two_stream"
         ds = TaxonDataset(dataset, subset, mtf, context_transform=mtf if two_stream else None,
                           with_context=two_stream, label_index=label_index, allow_unknown=allow_unknown,
@@ -242,16 +237,6 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         write_taxonomy(taxonomy, out_dir / "taxonomy.csv")
     atomic_write_json(out_dir / "metrics.json", m)
     return Evaluation(m, frame, out_dir, used_split, res)
-
-
-def _eval_transforms(meta: dict, build_transforms):
-    cfg = Config()
-    cfg.data.image_size = int(meta["image_size"])
-    cfg.data.resize = meta["data"]["resize"]
-    cfg.data.grayscale = meta["data"]["grayscale"]
-    cfg.augment.crop_pct = meta["data"]["crop_pct"]
-    pre = meta["preprocessing"]
-    return build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
 
 
 def _check_model_ood(methods: Sequence[str]) -> None:
