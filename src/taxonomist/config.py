@@ -120,6 +120,9 @@ class DecideConfig:
     thresholds: dict[str, float] = field(default_factory=lambda: {
         "species": 0.55, "genus": 0.60, "family": 0.65, "order": 0.70,
         "class": 0.75, "phylum": 0.80, "kingdom": 0.85})
+    #: OOD scores that need the model (`odin`, `mc-dropout`), fitted on the val rows when `train` calibrates,
+    #: so that `predict --ood odin` has a threshold; empty = only the scores fitted from features and logits
+    model_ood: list[str] = field(default_factory=list)
 
 
 @dataclass

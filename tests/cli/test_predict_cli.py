@@ -58,13 +58,16 @@ def test_help_imports_no_torch_and_lists_the_contract_options():
 
 
 def test_choices_match_the_library():
-    from taxonomist.decide import DECISIONS, OOD_METHODS
-    assert DECISION_CHOICES == DECISIONS and OOD_CHOICES == OOD_METHODS
+    from taxonomist.decide import DECISIONS
+    from taxonomist.inference.predict import PREDICT_OOD_METHODS
+    assert DECISION_CHOICES == DECISIONS and OOD_CHOICES == PREDICT_OOD_METHODS
 
 
 def test_train_calibrates_unless_told_not_to(run, data, tmp_path, capsys):
     meta = json.loads((run / "checkpoints" / "best.json").read_text())
-    assert meta["temperature"] > 0 and meta["ood"]["methods"] == list(OOD_CHOICES)
+    from taxonomist.decide import OOD_METHODS
+    assert meta["temperature"] > 0 and meta["ood"]["methods"] == list(OOD_METHODS)
+    assert "model_methods" not in meta["ood"]          # odin / mc-dropout only with decide.model_ood
     assert (run / "checkpoints" / "best.ood.safetensors").is_file()
     assert train_cli(data, tmp_path / "raw", "--no-calibrate", "--set", "train.max_steps=1") == 0
     raw = json.loads((tmp_path / "raw" / "checkpoints" / "best.json").read_text())

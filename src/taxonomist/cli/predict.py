@@ -2,10 +2,10 @@
 decisions CSV or a Kaggle submission (`taxonomist.inference.predict`); under torchrun, sharded over processes."""
 from __future__ import annotations
 
-#: decide.DECISIONS and decide.OOD_METHODS, spelled out so that `--help` needs no numpy/scipy import
-#: (tests/cli/test_predict_cli.py checks that they match)
+#: decide.DECISIONS and inference.predict.PREDICT_OOD_METHODS, spelled out so that `--help` needs no
+#: numpy/scipy import (tests/cli/test_predict_cli.py checks that they match)
 DECISION_CHOICES = ("argmax", "min-risk", "backoff", "selective")
-OOD_CHOICES = ("msp", "max-logit", "energy", "mahalanobis", "knn")
+OOD_CHOICES = ("msp", "max-logit", "energy", "mahalanobis", "knn", "odin", "mc-dropout", "ensemble")
 
 EXAMPLE = """\
 examples:
@@ -14,6 +14,8 @@ examples:
   taxonomist predict RUN --images test.csv --decision min-risk --candidates fathomnet2025 --format kaggle --out sub.csv
   taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood energy --ood-tpr 0.95 --out p.csv
   taxonomist predict fold_0 fold_1 fold_2 --images DIR --ensemble-mode geometric --tta --out p.csv
+  taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood odin --out p.csv
+  taxonomist predict fold_0 fold_1 fold_2 --images DIR --ood ensemble --ood-threshold 0.05 --out p.csv
   taxonomist predict model.onnx --images DIR --out p.csv                  # exported with `taxonomist export`
   torchrun --nproc_per_node 4 -m taxonomist.cli.main predict RUN --images DIR --out p.csv --resume
 
@@ -33,7 +35,11 @@ argmax/min-risk and --format kaggle, every node for backoff/selective; `all`, `f
 
 OOD: --ood METHOD adds ood_score (higher = more unknown) and unknown (score >= threshold). The threshold is
 --ood-threshold T, or the one keeping --ood-tpr (default 0.95) of the known validation images, stored at
-calibration. With min-risk/backoff/selective an unknown's answer falls back to its ancestor at
+calibration. msp, max-logit, energy, mahalanobis and knn come from the statistics every calibrated
+checkpoint stores. odin (a gradient step on the input, 3 passes) and mc-dropout (10 passes with dropout on)
+run the PyTorch model again; their thresholds are stored when trained with --set decide.model_ood=odin,...
+ensemble: the disagreement (mutual information) of 2+ checkpoints; give --ood-threshold T, e.g. the
+ood.ensemble.threshold that `taxonomist evaluate RUN --ensemble OTHER` reports. With min-risk/backoff/selective an unknown's answer falls back to its ancestor at
 --ood-fallback (default: order, or depth 1 for unranked trees) when that is a candidate, so use
 --candidates all (or a list with coarse names) for the fallback to climb.
 
@@ -71,7 +77,7 @@ def register(sub, formatter):
                    help=f"flag unknown taxa with an OOD score: {', '.join(OOD_CHOICES)}")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ood-threshold", type=float, default=None, metavar="T",
-                       help="flag when the OOD score >= T (one checkpoint only)")
+                       help="flag when the OOD score >= T (one checkpoint, or --ood ensemble)")
     group.add_argument("--ood-tpr", type=float, default=None, metavar="0.95",
                        help="threshold keeping this share of known validation images unflagged (default 0.95)")
     p.add_argument("--ood-fallback", default="auto", metavar="RANK|depthN|P",

@@ -8,6 +8,7 @@ examples:
   taxonomist train --config configs/fathomnet.yaml --set out=runs/cv --kfold        # one model per fold
   taxonomist train --set out=runs/first --resume                                    # continue after a crash
   torchrun --nproc_per_node 4 -m taxonomist.cli.main train --config c.yaml          # several GPUs
+  taxonomist train --config c.yaml --set decide.model_ood=odin,mc-dropout   # thresholds for predict --ood odin
 
 Keys (defaults shown by `taxonomist train --print-config`): data.root, data.image_size, model.backbone
 (a timm name or module:PKG.PATH:FACTORY), model.pretrained (auto|none|PATH), model.head
@@ -32,8 +33,8 @@ def register(sub, formatter):
                    help="stop at the first unreadable image, naming it (default: skip it and list it)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation of the best checkpoint after training")
     p.add_argument("--no-calibrate", action="store_true",
-                   help="skip fitting the temperature (val rows) and the OOD scores (train rows) of the best and "
-                        "last checkpoints after training")
+                   help="skip fitting the temperature (val rows) and the OOD scores (train rows; "
+                        "decide.model_ood: val rows) of the best and last checkpoints after training")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(func=run)
 
@@ -54,6 +55,9 @@ def run(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if cfg.decide.model_ood and not args.no_calibrate:
+        from taxonomist.inference.calibrate import check_model_ood
+        check_model_ood(cfg.decide.model_ood, None)  # a typo must fail now, not after the training
     progress = sys.stderr.isatty()
     if args.kfold:
         from taxonomist.train.kfold import train_kfold
@@ -64,7 +68,8 @@ def run(args) -> int:
             for fold in result.folds:
                 for calibration in calibrate_run(fold.run_dir, device=cfg.train.device,
                                                  batch_size=cfg.train.batch_size,
-                                                 num_workers=cfg.data.num_workers, progress=progress):
+                                                 num_workers=cfg.data.num_workers, progress=progress,
+                                                 model_ood=cfg.decide.model_ood):
                     print(calibration.summary())
         return 0
     from taxonomist.train import train
@@ -76,7 +81,8 @@ def run(args) -> int:
     if not args.no_calibrate:
         from taxonomist.inference.calibrate import calibrate_run
         for calibration in calibrate_run(result.run_dir, device=cfg.train.device, batch_size=cfg.train.batch_size,
-                                         num_workers=cfg.data.num_workers, progress=progress):
+                                         num_workers=cfg.data.num_workers, progress=progress,
+                                         model_ood=cfg.decide.model_ood):
             print(calibration.summary())
     if not args.no_eval:
         from taxonomist.evaluate.run import evaluate_run

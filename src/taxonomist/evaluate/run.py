@@ -147,8 +147,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         ensemble: further checkpoints with the same labels: `ood.ensemble` scores each example by the members'
             disagreement (`decide.ensemble_disagreement`, mutual information, each member at its temperature).
     """
-    from taxonomist.data.loading import TaxonDataset, build_loader
-    from taxonomist.inference.run_model import eval_transform
+    from taxonomist.inference.run_model import rows_loader
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
     from taxonomist.train.inference import run_inference
     from taxonomist.train.loop import configure_threads, select_device
@@ -179,16 +178,9 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     labels = list(taxonomy.labels)
     label_index = {lab: i for i, lab in enumerate(labels)}
 
-    tf = eval_transform(meta)
-
     def infer(subset: pd.DataFrame, desc: str, allow_unknown: bool = False, runner=None, member=None):
         mod, mmeta = member or (model, meta)
-        mtf = tf if member is None else eval_transform(mmeta)
-        two_stream = mmeta["head"] == "two_stream"
-        ds = TaxonDataset(dataset, subset, mtf, context_transform=mtf if two_stream else None,
-                          with_context=two_stream, label_index=label_index, allow_unknown=allow_unknown,
-                          path_column=mmeta["data"].get("input", "path"))
-        loader = build_loader(ds, batch_size, train=False, num_workers=num_workers)
+        _, loader = rows_loader(mmeta, dataset, subset, label_index, batch_size, num_workers, allow_unknown)
         try:
             if runner is not None:
                 return runner(mod, loader)

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -46,13 +46,17 @@ class Calibration:
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
     reused_from: Path | None = None
+    model_methods: tuple[str, ...] = ()     # of `thresholds`, those fitted with the model on the val rows
 
     def summary(self) -> str:
         how = f" (same weights as {self.reused_from.name})" if self.reused_from else f" in {self.seconds:.1f} s"
         line = (f"calibrated {self.checkpoint.name}: temperature {self.temperature:.3f}, val ECE "
                 f"{self.ece_before:.4f} → {self.ece_after:.4f} (n={self.n_val})")
-        if self.ood_file is not None:
-            line += f"; OOD scores {', '.join(self.thresholds)} fitted on {self.n_train} training images"
+        fitted = [m for m in self.thresholds if m not in self.model_methods]
+        if fitted:
+            line += f"; OOD scores {', '.join(fitted)} fitted on {self.n_train} training images"
+        if self.model_methods:
+            line += f"; {', '.join(self.model_methods)} thresholds from the val images"
         return line + how
 
 
@@ -101,6 +105,24 @@ def _methods(ood_methods: Sequence[str] | None) -> list[str]:
     return methods
 
 
+def check_model_ood(model_ood: Sequence[str], options: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """`model_ood` checked against `ood_model.MODEL_OOD_METHODS`, with each method's options."""
+    from taxonomist.inference.ood_model import MODEL_OOD_METHODS
+
+    if isinstance(model_ood, str):
+        raise ConfigError(f"model_ood must be a list of methods, got the string {model_ood!r}")
+    options = dict(options or {})
+    out = {}
+    for m in dict.fromkeys(model_ood or ()):
+        if m not in MODEL_OOD_METHODS:
+            raise ConfigError(f"unknown model OOD method {m!r}{suggest(str(m), MODEL_OOD_METHODS)}; "
+                              f"choose from {', '.join(MODEL_OOD_METHODS)}")
+        out[m] = dict(options.pop(m, None) or {})
+    if options:
+        raise ConfigError(f"options for {', '.join(sorted(options))} but that method is not in model_ood")
+    return out
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -123,7 +145,8 @@ def _run_config(ckpt: Path, data: str | Path | None) -> Config:
 
 def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None = None, device: str = "auto",
                          ood_methods: Sequence[str] | None = OOD_METHODS, batch_size: int = 64,
-                         num_workers: int = -1, progress: bool = False) -> Calibration:
+                         num_workers: int = -1, progress: bool = False, model_ood: Sequence[str] = (),
+                         model_ood_options: Mapping[str, dict] | None = None) -> Calibration:
     """Fit the temperature and the OOD scorers of one checkpoint (a run directory means its best checkpoint).
 
     1. Rebuild the run's train/val rows (`train.loop.split_rows` with the run's config.yaml; `data` overrides
@@ -136,6 +159,10 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
        the checkpoint JSON, atomically: `temperature`, `calibration: {ece_before, ece_after, n_val}`,
        `ood: {file, methods, n_train, n_val, thresholds: {method: {tpr: t}}}` for the TPRs in `TPR_LEVELS`
        (see `known_threshold`). `ood_methods=()` skips steps 3–4.
+    5. `model_ood` (`odin`, `mc-dropout`; `inference.ood_model`): scores that need the model, not statistics.
+       Each is run over the val rows (options per method in `model_ood_options`, else the defaults); their
+       sorted scores and thresholds are stored like the others, and `ood.model_methods` records the options,
+       so that `predict --ood odin` scores new images exactly as the threshold was fitted.
     """
     from taxonomist.train.checkpoint import load_checkpoint
     from taxonomist.train.loop import configure_threads, select_device, split_rows
@@ -143,6 +170,7 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
 
     start = time.time()
     methods = _methods(ood_methods)
+    extra_methods = check_model_ood(model_ood, model_ood_options)
     ckpt = resolve_checkpoint(checkpoint_or_run)
     cfg = _run_config(ckpt, data)
     dev = select_device(device)
@@ -166,13 +194,13 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
         ece[key] = expected_calibration_error(p.max(axis=1), p.argmax(axis=1) == val.targets)
 
     thresholds: dict[str, dict[str, float]] = {}
+    tensors: dict[str, np.ndarray] = {}
     ood_file, n_train = None, 0
     if methods:
         train = infer_rows(model, meta, dataset, train_rows, desc="calibrate (train features)", **common).result
         n_train = len(train.targets)
         if n_train == 0:
             raise DataError(f"{dataset.root}: every training image was unreadable")
-        tensors: dict[str, np.ndarray] = {}
         for method in methods:
             options = {"temperature": temperature} if method == "msp" else {}
             if method == "knn":  # k = 10 (Sun et al.), fewer only for toy training sets
@@ -183,41 +211,59 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
                 tensors[f"{method}/{key}"] = np.ascontiguousarray(np.asarray(value))
             tensors[f"{method}/{VAL_SCORES_KEY}"] = val_scores.astype(np.float64)
             thresholds[method] = {_tpr_key(t): known_threshold(val_scores, t) for t in TPR_LEVELS}
+    model_options: dict[str, dict] = {}
+    for method, options in extra_methods.items():
+        from taxonomist.inference.ood_model import model_ood_rows
+
+        result = model_ood_rows(method, model, meta, dataset, val_rows, dev, label_index, options, temperature,
+                                batch_size, num_workers, progress=progress)
+        val_scores = np.sort(result.scores)
+        tensors[f"{method}/{VAL_SCORES_KEY}"] = val_scores.astype(np.float64)
+        thresholds[method] = {_tpr_key(t): known_threshold(val_scores, t) for t in TPR_LEVELS}
+        model_options[method] = result.extra
+    stored = methods + list(extra_methods)
+    if stored:
         ood_file = ood_path(ckpt)
-        _save_ood(ood_file, tensors, methods, ckpt.name)
+        _save_ood(ood_file, tensors, stored, ckpt.name)
 
     meta = read_metadata(ckpt)  # re-read: write back exactly what is on disk plus the new keys
     meta["temperature"] = float(temperature)
     meta["calibration"] = {"ece_before": float(ece["before"]), "ece_after": float(ece["after"]),
                            "n_val": len(val.targets)}
-    if methods:
+    if stored:
         meta["ood"] = {"file": ood_file.name, "methods": methods, "n_train": n_train, "n_val": len(val.targets),
                        "flag": "score >= threshold; thresholds[method][tpr] keeps at least tpr of the known "
                                "validation examples below it", "thresholds": thresholds}
+        if model_options:
+            meta["ood"]["model_methods"] = model_options
     else:
         meta.pop("ood", None)
     atomic_write_text(metadata_path(ckpt), json.dumps(meta, indent=1))
-    if not methods:
+    if not stored:
         ood_path(ckpt).unlink(missing_ok=True)  # statistics of earlier weights would no longer match
     return Calibration(ckpt, float(temperature), float(ece["before"]), float(ece["after"]), len(val.targets),
-                       n_train, ood_file, thresholds, time.time() - start)
+                       n_train, ood_file, thresholds, time.time() - start, model_methods=tuple(model_options))
 
 
 def calibrate_run(run_dir: str | Path, data: str | Path | None = None, device: str = "auto",
                   ood_methods: Sequence[str] | None = OOD_METHODS, batch_size: int = 64, num_workers: int = -1,
-                  progress: bool = False) -> list[Calibration]:
-    """Calibrate a run's `best` and `last` checkpoints; when both hold the same weights, `last` gets a copy."""
+                  progress: bool = False, model_ood: Sequence[str] = (),
+                  model_ood_options: Mapping[str, dict] | None = None) -> list[Calibration]:
+    """Calibrate a run's `best` and `last` checkpoints (`calibrate_checkpoint`); when both hold the same
+    weights, `last` gets a copy."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     best = ckpt_dir / "best.safetensors"
     if not best.is_file():
         raise ModelError(f"{best}: checkpoint not found (is {run_dir} a run directory?)")
-    done = [calibrate_checkpoint(best, data, device, ood_methods, batch_size, num_workers, progress)]
+    extra = dict(model_ood=model_ood, model_ood_options=model_ood_options)
+    done = [calibrate_checkpoint(best, data, device, ood_methods, batch_size, num_workers, progress, **extra)]
     last = ckpt_dir / "last.safetensors"
     if last.is_file():
         if _sha256(last) == _sha256(best):
             done.append(_copy_calibration(done[0], last))
         else:
-            done.append(calibrate_checkpoint(last, data, device, ood_methods, batch_size, num_workers, progress))
+            done.append(calibrate_checkpoint(last, data, device, ood_methods, batch_size, num_workers, progress,
+                                             **extra))
     return done
 
 
@@ -236,7 +282,8 @@ def _copy_calibration(source: Calibration, target: Path) -> Calibration:
         meta["ood"] = {**meta["ood"], "file": ood_file.name}
     atomic_write_text(metadata_path(target), json.dumps(meta, indent=1))
     return Calibration(target, source.temperature, source.ece_before, source.ece_after, source.n_val,
-                       source.n_train, ood_file, source.thresholds, 0.0, reused_from=source.checkpoint)
+                       source.n_train, ood_file, source.thresholds, 0.0, reused_from=source.checkpoint,
+                       model_methods=source.model_methods)
 
 
 def _save_ood(path: Path, tensors: dict[str, np.ndarray], methods: list[str], checkpoint_name: str) -> None:
@@ -286,6 +333,18 @@ def load_ood_scorers(checkpoint: str | Path) -> dict[str, OODScorer]:
     return scorers
 
 
+def stored_ood_methods(info: dict) -> list[str]:
+    """The OOD methods a checkpoint's `ood` metadata holds thresholds for: fitted scorers, then model scores."""
+    return list(info.get("methods", [])) + list(info.get("model_methods", {}))
+
+
+def model_ood_options(checkpoint: str | Path, method: str) -> dict | None:
+    """The options a model OOD score (`odin`, `mc-dropout`) was calibrated with, or None when it was not."""
+    _, info, _ = _read_ood(checkpoint)
+    options = (info or {}).get("model_methods", {}).get(method)
+    return None if options is None else dict(options)
+
+
 def ood_threshold(checkpoint: str | Path, method: str, tpr: float) -> float:
     """The `--ood-tpr` threshold of `method` for a checkpoint: the stored one, else computed from the stored
     sorted validation scores (`known_threshold`)."""
@@ -293,8 +352,9 @@ def ood_threshold(checkpoint: str | Path, method: str, tpr: float) -> float:
     if not info:
         raise ModelError(f"{checkpoint}: the checkpoint has no OOD statistics; calibrate it first "
                          "(taxonomist train does so unless --no-calibrate)")
-    if method not in info.get("methods", []):
-        raise ConfigError(f"{path}: no {method!r} OOD statistics (stored: {', '.join(info.get('methods', []))})")
+    known = stored_ood_methods(info)
+    if method not in known:
+        raise ConfigError(f"{path}: no {method!r} OOD statistics (stored: {', '.join(known) or 'none'})")
     stored = info.get("thresholds", {}).get(method, {})
     if _tpr_key(check_tpr(tpr)) in stored:
         return float(stored[_tpr_key(tpr)])

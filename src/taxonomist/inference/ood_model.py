@@ -30,11 +30,77 @@ class ModelOODResult:
     extra: dict | None = None
 
 
-def _forward(model, batch, device, image=None):
-    image = batch["image"].to(device) if image is None else image
-    if "context" in batch:
-        return model(image, batch["context"].to(device))
-    return model(image)
+def _forward(model, image, context=None):
+    return model(image) if context is None else model(image, context)
+
+
+def _context(batch, device):
+    return batch["context"].to(device) if "context" in batch else None
+
+
+def check_torch_model(model, method: str) -> None:
+    """Refuse a model these scores cannot run on: an exported ONNX session has no gradients and no dropout."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the {method} OOD score needs the PyTorch checkpoint ("
+                         f"{'gradients with respect to the input' if method == 'odin' else 'dropout at inference'}); "
+                         "an exported ONNX model cannot give them: use the .safetensors checkpoint")
+
+
+def odin_batch(model, image, context=None, temperature: float = ODIN_TEMPERATURE, epsilon: float = ODIN_EPSILON,
+               std: Sequence[float] = (1.0, 1.0, 1.0)):
+    """ODIN scores (B,) float64 on the CPU of one normalised batch already on the model's device (see
+    `odin_scores`). The model must be in eval mode."""
+    import torch
+
+    scale = torch.tensor([float(v) for v in std], device=image.device).view(1, -1, 1, 1)
+    x = image.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = _forward(model, x, context)["logits"].float() / temperature
+        loss = torch.nn.functional.cross_entropy(logits, logits.argmax(1))
+        (grad,) = torch.autograd.grad(loss, x)
+    with torch.no_grad():
+        moved = x.detach() - epsilon * grad.sign() / scale[:, : x.shape[1]]
+        z = _forward(model, moved, context)["logits"].float() / temperature
+        return (-torch.softmax(z, 1).max(1).values).double().cpu()
+
+
+def mc_dropout_batch(model, image, context=None, passes: int = MC_PASSES, temperature: float = 1.0):
+    """(passes, B, L) float64 softmax(logits / temperature) of one batch, with only the dropout layers in
+    training mode during the passes (the model is back in eval mode afterwards). Seed the generator yourself
+    (`mc_dropout_probs` does) for repeatable masks."""
+    import torch
+
+    layers = _dropout_or_fail(model)
+    model.eval()
+    try:
+        for layer in layers:
+            layer.train()
+        with torch.inference_mode():
+            stack = [torch.softmax(_forward(model, image, context)["logits"].float() / temperature, 1)
+                     for _ in range(passes)]
+    finally:
+        model.eval()
+    return torch.stack(stack).double().cpu()
+
+
+def _dropout_or_fail(model) -> list:
+    layers = dropout_layers(model)
+    if not layers:
+        raise ModelError("MC-dropout needs dropout in the model, and it has no dropout layer with p > 0 "
+                         "(train with model.drop_rate > 0, e.g. the default 0.2)")
+    return layers
+
+
+def _check_options(method: str, temperature=None, epsilon=None, passes=None) -> None:
+    if method == "odin":
+        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ConfigError(f"ODIN temperature must be > 0, got {temperature!r}")
+        if isinstance(epsilon, bool) or not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+            raise ConfigError(f"ODIN epsilon must be >= 0, got {epsilon!r}")
+    elif isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
+        raise ConfigError(f"MC-dropout needs an integer number of passes >= 2, got {passes!r}")
 
 
 def odin_scores(model, loader, device, temperature: float = ODIN_TEMPERATURE, epsilon: float = ODIN_EPSILON,
@@ -46,26 +112,15 @@ def odin_scores(model, loader, device, temperature: float = ODIN_TEMPERATURE, ep
     images are normalised by `std` per channel (the model's preprocessing), so the step is divided by it,
     as the reference code does. `epsilon=0` is MSP at temperature T.
     """
-    import torch
     from tqdm import tqdm
 
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ConfigError(f"ODIN temperature must be > 0, got {temperature!r}")
-    if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
-        raise ConfigError(f"ODIN epsilon must be >= 0, got {epsilon!r}")
+    _check_options("odin", temperature=temperature, epsilon=epsilon)
+    check_torch_model(model, "odin")
     model.eval()
-    scale = torch.tensor([float(s) for s in std], device=device).view(1, -1, 1, 1)
     scores, indices, targets = [], [], []
     for batch in tqdm(loader, desc="ood: odin", unit="batch", leave=False, disable=not progress, file=sys.stderr):
-        x = batch["image"].to(device).requires_grad_(True)
-        with torch.enable_grad():
-            logits = _forward(model, batch, device, x)["logits"].float() / temperature
-            loss = torch.nn.functional.cross_entropy(logits, logits.argmax(1))
-            (grad,) = torch.autograd.grad(loss, x)
-        with torch.no_grad():
-            moved = x.detach() - epsilon * grad.sign() / scale[:, : x.shape[1]]
-            z = _forward(model, batch, device, moved)["logits"].float() / temperature
-            scores.append((-torch.softmax(z, 1).max(1).values).double().cpu())
+        scores.append(odin_batch(model, batch["image"].to(device), _context(batch, device), temperature, epsilon,
+                                 std))
         indices.append(batch["index"].cpu())
         targets.append(batch["target"].cpu())
     return ModelOODResult(_cat(scores, np.float64), _cat(indices, np.int64), _cat(targets, np.int64),
@@ -88,31 +143,19 @@ def mc_dropout_probs(model, loader, device, passes: int = MC_PASSES, temperature
     import torch
     from tqdm import tqdm
 
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
-        raise ConfigError(f"MC-dropout needs an integer number of passes >= 2, got {passes!r}")
-    layers = dropout_layers(model)
-    if not layers:
-        raise ModelError("MC-dropout needs dropout in the model, and it has no dropout layer with p > 0 "
-                         "(train with model.drop_rate > 0, e.g. the default 0.2)")
-    model.eval()
+    _check_options("mc-dropout", passes=passes)
+    check_torch_model(model, "mc-dropout")
+    _dropout_or_fail(model)
     probs, indices, targets = [], [], []
     devices = [device] if getattr(device, "type", str(device)) == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        try:
-            for layer in layers:
-                layer.train()
-            with torch.inference_mode():
-                for batch in tqdm(loader, desc=f"ood: mc-dropout ×{passes}", unit="batch", leave=False,
-                                  disable=not progress, file=sys.stderr):
-                    image = batch["image"].to(device)
-                    stack = [torch.softmax(_forward(model, batch, device, image)["logits"].float() / temperature, 1)
-                             for _ in range(passes)]
-                    probs.append(torch.stack(stack).double().cpu())
-                    indices.append(batch["index"].cpu())
-                    targets.append(batch["target"].cpu())
-        finally:
-            model.eval()
+        for batch in tqdm(loader, desc=f"ood: mc-dropout ×{passes}", unit="batch", leave=False,
+                          disable=not progress, file=sys.stderr):
+            probs.append(mc_dropout_batch(model, batch["image"].to(device), _context(batch, device), passes,
+                                          temperature))
+            indices.append(batch["index"].cpu())
+            targets.append(batch["target"].cpu())
     if not probs:
         return np.zeros((passes, 0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return torch.cat(probs, 1).numpy(), _cat(indices, np.int64), _cat(targets, np.int64)
@@ -125,7 +168,7 @@ def mc_dropout_scores(model, loader, device, passes: int = MC_PASSES, temperatur
 
     probs, indices, targets = mc_dropout_probs(model, loader, device, passes, temperature, seed, progress)
     scores = stack_score(probs, score) if probs.shape[1] else np.zeros(0)
-    return ModelOODResult(scores, indices, targets, {"passes": passes, "score": score})
+    return ModelOODResult(scores, indices, targets, {"passes": passes, "score": score, "seed": seed})
 
 
 def model_ood_scores(method: str, model, loader, device, temperature: float = 1.0,
@@ -145,6 +188,26 @@ def model_ood_scores(method: str, model, loader, device, temperature: float = 1.
         raise ConfigError(f"bad options for the {method} OOD score: {e}") from None
     raise ConfigError(f"unknown model OOD method {method!r}{suggest(str(method), MODEL_OOD_METHODS)}; "
                       f"choose from {', '.join(MODEL_OOD_METHODS)}")
+
+
+def model_ood_rows(method: str, model, meta: dict, dataset, rows, device, label_index: dict[str, int],
+                   options: dict | None = None, temperature: float | None = None, batch_size: int = 64,
+                   num_workers: int = -1, allow_unknown: bool = False, strict: bool = False,
+                   path_column: str | None = None, progress: bool = False) -> ModelOODResult:
+    """`model_ood_scores` over dataset rows, read as the checkpoint `meta` prescribes (`run_model.rows_loader`).
+
+    `temperature` defaults to the checkpoint's; `result.indices` are positions in `rows` (unreadable ones absent).
+    """
+    from taxonomist.inference.run_model import rows_loader
+
+    check_torch_model(model, method)
+    t = float(meta.get("temperature", 1.0)) if temperature is None else float(temperature)
+    _, loader = rows_loader(meta, dataset, rows, label_index, batch_size, num_workers, allow_unknown, strict,
+                            path_column)
+    try:
+        return model_ood_scores(method, model, loader, device, t, meta["preprocessing"]["std"], options, progress)
+    finally:
+        loader.close()
 
 
 def _cat(chunks, dtype) -> np.ndarray:

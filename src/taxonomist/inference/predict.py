@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 
 from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations, read_csv_table
-from taxonomist.decide import (COMBINE_MODES, DECISIONS, VIEW_MODES, ancestor_operator, apply_temperature,
-                               candidate_nodes, combine_probs, decide, expected_distance, ood_fallback, softmax)
+from taxonomist.decide import (COMBINE_MODES, DECISIONS, OOD_METHODS, VIEW_MODES, ancestor_operator,
+                               apply_temperature, candidate_nodes, combine_probs, decide, ensemble_disagreement,
+                               expected_distance, ood_fallback, softmax)
 from taxonomist.errors import ConfigError, DataError, ModelError, SubmissionError
+from taxonomist.inference.ood_model import MODEL_OOD_METHODS
 from taxonomist.inference.sharding import (DEFAULT_CHUNK_SIZE, ChunkResult, PartStore, Shard, chunk_count, chunk_key,
                                            end_group, run_key, start_group, sum_across)
 from taxonomist.taxonomy import RANKS, Taxonomy, default_metric, distance_matrix, suggest
@@ -32,6 +34,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 FORMATS = ("csv", "kaggle")
 #: `--ood-tpr` when neither a TPR nor a threshold is given: keep 95 % of known validation examples.
 DEFAULT_OOD_TPR = 0.95
+#: `--ood` methods: scores fitted at calibration from features and logits, scores that run the model again
+#: (ODIN, MC-dropout; thresholds stored when trained with `decide.model_ood`), and the disagreement of the
+#: members of an ensemble (mutual information of their tempered probabilities).
+PREDICT_OOD_METHODS = (*OOD_METHODS, *MODEL_OOD_METHODS, "ensemble")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -211,19 +217,24 @@ class _Member:
     positions: np.ndarray    # (n,) row positions in the input
 
 
+def _member_rows(member: _Loaded, images: ImageInput) -> tuple[Dataset, pd.DataFrame, str | None]:
+    """(dataset, rows, path column) that a member reads the images through (the labels left empty)."""
+    # a dataset with context_path feeds context-input models their scenes; a folder or CSV gives the images
+    path_column = None if images.kind == "dataset" else "path"
+    rows = images.rows.assign(label="")
+    return Dataset(images.root, rows, member.taxonomy), rows, path_column
+
+
 def _run_member(member: _Loaded, images: ImageInput, dev, tta_views, tta_mode: str, batch_size: int,
                 num_workers: int, progress: bool, desc: str, strict: bool = False):
     """One model over the images: its calibrated probabilities, features and raw logits, and what it skipped
     (with `strict`, the first unreadable image raises `UnreadableImageError` naming it instead)."""
     from taxonomist.inference.run_model import infer_rows
 
-    model, meta, taxonomy = member.model, member.meta, member.taxonomy
+    model, meta = member.model, member.meta
     labels = list(meta["labels"])
     temperature = float(meta.get("temperature", 1.0))
-    # a dataset with context_path feeds context-input models their scenes; a folder or CSV gives the images
-    path_column = None if images.kind == "dataset" else "path"
-    loader_rows = images.rows.assign(label="")
-    dataset = Dataset(images.root, loader_rows, taxonomy)
+    dataset, loader_rows, path_column = _member_rows(member, images)
     out = infer_rows(model, meta, dataset, loader_rows, dev, {lab: i for i, lab in enumerate(labels)},
                      batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc, tta=tta_views,
                      tta_mode=tta_mode, temperature=temperature, path_column=path_column, strict=strict)
@@ -338,11 +349,15 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         thresholds: backoff thresholds, `species=0.6,…`, a dict or one number (default: the config ladder).
         selective_threshold: the selective rule's P(answer) target (default: `thresholds` when it is one
             number, else 0.5).
-        ood: an OOD method stored with the checkpoint(s) (`msp`, `max-logit`, `energy`, `mahalanobis`, `knn`):
-            adds `ood_score` and `unknown` columns. An example is unknown when its score ≥ the threshold:
-            `ood_threshold` (one checkpoint only), else the threshold keeping `ood_tpr` (default 0.95) of the
-            known validation examples. With an ensemble, `ood_score` is the members' mean of (score − own
-            threshold) and unknown means ≥ 0. With min-risk, backoff or selective an unknown's answer falls
+        ood: one of `PREDICT_OOD_METHODS`: adds `ood_score` and `unknown` columns. `msp`, `max-logit`,
+            `energy`, `mahalanobis`, `knn` use the statistics stored at calibration; `odin` and `mc-dropout`
+            run the model again per image (`inference.ood_model`, with the options the checkpoint was
+            calibrated with — `decide.model_ood` at training — else the defaults; PyTorch checkpoints only);
+            `ensemble` scores the members' disagreement (mutual information; two or more checkpoints and an
+            `ood_threshold`). An example is unknown when its score ≥ the threshold: `ood_threshold` (one
+            checkpoint, or `ensemble`), else the threshold keeping `ood_tpr` (default 0.95) of the known
+            validation examples. With an ensemble and another method, `ood_score` is the members' mean of
+            (score − own threshold) and unknown means ≥ 0. With min-risk, backoff or selective an unknown's answer falls
             back to the deepest ancestor at or above `ood_fallback_level` (`auto`: order for ranked trees,
             depth 1 otherwise) that is a candidate (`decide.ood_fallback`); argmax answers are only flagged.
         tta: None, True (`DEFAULT_TTA`), a spec (`parse_tta`) or a list of `View`s; `tta_mode` merges views.
@@ -385,12 +400,7 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     ckpts = [resolve_model(p) for p in paths]
     if weights is not None and len(weights) != len(ckpts):
         raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
-    if ood_threshold is not None and ood_tpr is not None:
-        raise ConfigError("give either an OOD threshold or an OOD TPR, not both")
-    if (ood_threshold is not None or ood_tpr is not None) and not ood:
-        raise ConfigError("an OOD threshold or TPR needs an OOD method (--ood METHOD)")
-    if ood and ood_threshold is not None and len(ckpts) > 1:
-        raise ConfigError("an absolute OOD threshold fits one model's scores; with an ensemble use an OOD TPR")
+    _check_ood_options(ood, ood_threshold, ood_tpr, ckpts)
     if ood_tpr is not None:
         check_tpr(ood_tpr)
     metas = [read_model_metadata(ckpt) for ckpt in ckpts]
@@ -571,7 +581,7 @@ def _predict_chunk(loaded: list[_Loaded], chunk: ImageInput, offset: int, rules:
                    thresholds=rules.rule_thr).nodes.copy()
     ood_score, unknown = empty_f, np.zeros(0, dtype=bool)
     if scorers is not None:
-        ood_score, unknown = _flag_unknowns(scorers, aligned)
+        ood_score, unknown = _flag_unknowns(rules, scorers, loaded, aligned, chunk, common, dev)
         if rules.decision != "argmax" and unknown.any():
             nodes = ood_fallback(nodes, unknown, taxonomy, rules.fallback, probs=probs, candidates=rules.cand)
     answered = sorted(set(nodes.tolist()))
@@ -638,34 +648,114 @@ def _run_members(members: list[_Loaded], images_in: ImageInput, dev, tta_views, 
     return common, aligned, [(k, skipped_by_row[k]) for k in sorted(skipped_by_row)]
 
 
-def _ood_scorers(ckpts: list[Path], method: str, threshold: float | None, tpr: float | None) -> list:
-    """(scorer, threshold) of each member, read once: the stored statistics and the stored (or given) threshold."""
-    from taxonomist.inference.calibrate import load_ood_scorers
+def _check_ood_options(ood: str | None, threshold: float | None, tpr: float | None, ckpts: list[Path]) -> None:
+    """The `--ood` options that need no model file read: the method, and a threshold the method can use."""
+    from taxonomist.inference.model_file import is_onnx
+
+    if threshold is not None and tpr is not None:
+        raise ConfigError("give either an OOD threshold or an OOD TPR, not both")
+    if (threshold is not None or tpr is not None) and not ood:
+        raise ConfigError("an OOD threshold or TPR needs an OOD method (--ood METHOD)")
+    if not ood:
+        return
+    if ood not in PREDICT_OOD_METHODS:
+        raise ConfigError(f"unknown OOD method {ood!r}{suggest(str(ood), PREDICT_OOD_METHODS)}; "
+                          f"choose one of {', '.join(PREDICT_OOD_METHODS)}")
+    if ood == "ensemble":
+        if len(ckpts) < 2:
+            raise ConfigError("--ood ensemble scores the disagreement of several checkpoints; give two or more")
+        if threshold is None:
+            # members trained on different folds share no held-out rows to fit a threshold on
+            raise ConfigError("--ood ensemble needs --ood-threshold T (no validation scores are stored for an "
+                              "ensemble; `taxonomist evaluate RUN --ensemble OTHER…` reports ood.ensemble.threshold)")
+        return
+    if threshold is not None and len(ckpts) > 1:
+        raise ConfigError("an absolute OOD threshold fits one model's scores; with an ensemble use an OOD TPR")
+    if ood in MODEL_OOD_METHODS:
+        for ckpt in ckpts:
+            if is_onnx(ckpt):
+                raise ConfigError(f"{ckpt}: --ood {ood} runs the PyTorch model again "
+                                  f"({'gradients with respect to the input' if ood == 'odin' else 'dropout on'}); "
+                                  "an exported ONNX model cannot: give its .safetensors checkpoint")
+
+
+@dataclass
+class _MemberOOD:
+    """How one member scores unknowns: a fitted scorer (feature/logit methods) or a model score with options."""
+
+    threshold: float
+    scorer: object = None            # decide.OODScorer, for OOD_METHODS
+    options: dict | None = None      # for MODEL_OOD_METHODS: as calibrated (or the defaults with a given threshold)
+
+
+def _ood_scorers(ckpts: list[Path], method: str, threshold: float | None, tpr: float | None) -> list[_MemberOOD]:
+    """How each member scores `method`, read once: the stored statistics or model-score options, and the stored
+    (or given) threshold. `ensemble` has no per-member scorer: an empty list."""
+    from taxonomist.inference.calibrate import load_ood_scorers, model_ood_options
     from taxonomist.inference.calibrate import ood_threshold as stored_threshold
 
+    if method == "ensemble":
+        return []
     out = []
     for ckpt in ckpts:
+        if method in MODEL_OOD_METHODS:
+            options = model_ood_options(ckpt, method)
+            if options is None and threshold is None:
+                raise ModelError(f"{ckpt}: no {method!r} validation scores to set its threshold from; train with "
+                                 f"--set decide.model_ood={method} (or calibrate_run(RUN, model_ood=['{method}'])), "
+                                 f"or give --ood-threshold T (`taxonomist evaluate RUN --model-ood {method}` reports "
+                                 f"ood.{method}.threshold)")
+            t = threshold if threshold is not None else stored_threshold(ckpt, method, tpr or DEFAULT_OOD_TPR)
+            out.append(_MemberOOD(float(t), options=options or {}))
+            continue
         scorers = load_ood_scorers(ckpt)
         if method not in scorers:
             raise ModelError(f"{ckpt}: no {method!r} OOD statistics (stored: {', '.join(scorers) or 'none'}); "
                              "`taxonomist train` calibrates checkpoints unless --no-calibrate")
         t = threshold if threshold is not None else stored_threshold(ckpt, method, tpr or DEFAULT_OOD_TPR)
-        out.append((scorers[method], t))
+        out.append(_MemberOOD(float(t), scorer=scorers[method]))
     return out
 
 
-def _flag_unknowns(scorers: list, aligned: list):
-    """(ood_score, unknown): the raw score for one model; for an ensemble the mean margin over members."""
+def _flag_unknowns(rules: _Rules, scorers: list[_MemberOOD], loaded: list[_Loaded], aligned: list,
+                   chunk: ImageInput, common: np.ndarray, dev):
+    """(ood_score, unknown) of the rows `common` of `chunk`: the raw score for one model; for an ensemble the
+    mean margin (score − own threshold) over members, or with `ensemble` the members' disagreement."""
+    if rules.ood == "ensemble":
+        temps = [float(m.meta.get("temperature", 1.0)) for m in loaded]
+        score = ensemble_disagreement([raw for _, _, raw in aligned], temps)
+        return score, score >= rules.ood_threshold
     scores, margins = [], []
-    for (scorer, t), (_, features, raw_logits) in zip(scorers, aligned):
-        s = scorer.score(features, raw_logits)
+    for member, how, (_, features, raw_logits) in zip(loaded, scorers, aligned):
+        if how.scorer is not None:
+            s = how.scorer.score(features, raw_logits)
+        else:
+            s = _model_ood_scores(member, how, rules, chunk, common, dev)
         scores.append(s)
-        margins.append(s - t)
+        margins.append(s - how.threshold)
     if len(scorers) == 1:
         return scores[0], margins[0] >= 0
     # members' scores live on different scales; their distances to their own thresholds are comparable
     mean_margin = np.mean(margins, axis=0)
     return mean_margin, mean_margin >= 0
+
+
+def _model_ood_scores(member: _Loaded, how: _MemberOOD, rules: _Rules, chunk: ImageInput, common: np.ndarray,
+                      dev) -> np.ndarray:
+    """ODIN / MC-dropout scores of one member on the rows `common` of `chunk` (without TTA: one view)."""
+    from taxonomist.inference.ood_model import model_ood_rows
+
+    dataset, rows, path_column = _member_rows(member, chunk)
+    labels = list(member.meta["labels"])
+    result = model_ood_rows(rules.ood, member.model, member.meta, dataset, rows, dev,
+                            {lab: i for i, lab in enumerate(labels)}, how.options, batch_size=rules.batch_size,
+                            num_workers=rules.num_workers, strict=rules.strict, path_column=path_column)
+    where = {int(p): i for i, p in enumerate(result.indices)}
+    missing = [int(p) for p in common if int(p) not in where]
+    if missing:
+        raise DataError(f"{chunk.root / chunk.rows['path'].iloc[missing[0]]}: readable for the prediction but "
+                        f"not for the {rules.ood} score")
+    return result.scores[np.array([where[int(p)] for p in common], dtype=np.int64)]
 
 
 def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarray, confidence: np.ndarray,
@@ -678,7 +768,8 @@ def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarra
         frame[name] = values
     frame["expected_distance"] = np.round(exp_dist, 6)
     if ood_score is not None:
-        frame["ood_score"] = np.round(ood_score, 6)
+        # unrounded: ODIN's scores (max softmax at T = 1000) differ in the 7th decimal
+        frame["ood_score"] = np.asarray(ood_score, dtype=np.float64)
         frame["unknown"] = unknown.astype(bool)
     for col in images_in.rows.columns:
         if col != "path":

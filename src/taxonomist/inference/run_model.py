@@ -30,6 +30,24 @@ def eval_transform(meta: dict):
         raise ModelError(f"checkpoint metadata lacks preprocessing information ({e})") from None
 
 
+def rows_loader(meta: dict, dataset: Dataset, rows: pd.DataFrame, label_index: dict[str, int], batch_size: int = 64,
+                num_workers: int = -1, allow_unknown: bool = False, strict: bool = False,
+                path_column: str | None = None):
+    """(TaxonDataset, DataLoader) over `rows` with the checkpoint's eval transform, in row order.
+
+    Two-stream models get each row's `context_path` image too; `path_column` defaults to the column the model
+    was trained on (`path`, or `context_path` for context-input models). Close the loader when done.
+    """
+    from taxonomist.data.loading import TaxonDataset, build_loader
+
+    tf = eval_transform(meta)
+    two_stream = meta.get("head") == "two_stream"
+    ds = TaxonDataset(dataset, rows, tf, context_transform=tf if two_stream else None, with_context=two_stream,
+                      strict=strict, label_index=label_index, allow_unknown=allow_unknown,
+                      path_column=path_column or meta.get("data", {}).get("input", "path"))
+    return ds, build_loader(ds, batch_size, train=False, num_workers=num_workers)
+
+
 @dataclass
 class RowsOutput:
     """The model's outputs over some rows; `result.indices` are positions in those rows (skipped ones absent)."""
@@ -49,16 +67,11 @@ def infer_rows(model, meta: dict, dataset: Dataset, rows: pd.DataFrame, device, 
     defaults to the column the model was trained on (`path`, or `context_path` for context-input models).
     `amp` runs the forward pass under bf16 autocast on CUDA (ignored on CPU, and for ONNX models).
     """
-    from taxonomist.data.loading import TaxonDataset, build_loader
     from taxonomist.inference.tta import run_inference_tta
     from taxonomist.train.inference import run_inference
 
-    tf = eval_transform(meta)
-    two_stream = meta.get("head") == "two_stream"
-    ds = TaxonDataset(dataset, rows, tf, context_transform=tf if two_stream else None, with_context=two_stream,
-                      strict=strict, label_index=label_index, allow_unknown=allow_unknown,
-                      path_column=path_column or meta.get("data", {}).get("input", "path"))
-    loader = build_loader(ds, batch_size, train=False, num_workers=num_workers)
+    ds, loader = rows_loader(meta, dataset, rows, label_index, batch_size, num_workers, allow_unknown, strict,
+                             path_column)
     try:
         if tta:
             result = run_inference_tta(model, loader, device, tta, mode=tta_mode, temperature=temperature,
