@@ -63,6 +63,32 @@ def test_mc_dropout_passes_differ_are_seeded_and_leave_eval_mode(model_and_loade
     np.testing.assert_allclose(scores, -(mean * np.log(mean)).sum(1), atol=1e-9)
 
 
+def test_mc_dropout_runs_the_backbone_once_with_the_same_numbers(model_and_loader, monkeypatch):
+    """All dropout sits in the head, so the passes reuse the backbone's features: the same masks (the backbone
+    draws no random numbers in eval mode) and the same probabilities as full forwards, with 1 backbone call."""
+    from taxonomist.inference.ood_model import _head_only, mc_dropout_batch
+
+    model, _, loader = model_and_loader
+    assert _head_only(model)
+    image = next(iter(loader))["image"]
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        torch.manual_seed(5)
+        fast = mc_dropout_batch(model, image, passes=5)
+        assert len(calls) == 1
+        torch.manual_seed(5)
+        full = mc_dropout_batch(model, image, passes=5, reuse_features=False)
+        assert len(calls) == 1 + 5
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(fast, full, rtol=0, atol=1e-6)
+    assert not np.allclose(fast[0], fast[1])            # dropout was on in the head
+    # dropout inside a backbone (e.g. LoRA's) means full passes
+    monkeypatch.setattr(model.backbone, "extra_dropout", torch.nn.Dropout(0.1), raising=False)
+    assert not _head_only(model)
+
+
 def test_mc_dropout_without_dropout_is_refused(model_and_loader):
     model, _, loader = model_and_loader
     saved = [(m, m.p) for m in dropout_layers(model)]

@@ -66,10 +66,27 @@ def odin_batch(model, image, context=None, temperature: float = ODIN_TEMPERATURE
         return (-torch.softmax(z, 1).max(1).values).double().cpu()
 
 
-def mc_dropout_batch(model, image, context=None, passes: int = MC_PASSES, temperature: float = 1.0):
+def _head_only(model) -> bool:
+    """True when every dropout layer of a `TaxonModel` sits in its head: the backbone's features are then the
+    same in every MC pass, and only the head needs running K times."""
+    from taxonomist.models import TaxonModel
+
+    if not isinstance(model, TaxonModel):
+        return False
+    return not any(dropout_layers(bb) for _, bb in model.named_backbones())
+
+
+def mc_dropout_batch(model, image, context=None, passes: int = MC_PASSES, temperature: float = 1.0,
+                     reuse_features: bool = True):
     """(passes, B, L) float64 softmax(logits / temperature) of one batch, with only the dropout layers in
     training mode during the passes (the model is back in eval mode afterwards). Seed the generator yourself
-    (`mc_dropout_probs` does) for repeatable masks."""
+    (`mc_dropout_probs` does) for repeatable masks.
+
+    When all dropout sits in the head (the default models: timm backbones without their classifier, the
+    heads' `model.drop_rate`), the backbone runs once and the head `passes` times — the same numbers as
+    `passes` full forwards (the backbone draws no random numbers in eval mode), about `passes` times faster.
+    `reuse_features=False` runs the full model each pass.
+    """
     import torch
 
     layers = _dropout_or_fail(model)
@@ -78,8 +95,18 @@ def mc_dropout_batch(model, image, context=None, passes: int = MC_PASSES, temper
         for layer in layers:
             layer.train()
         with torch.inference_mode():
-            stack = [torch.softmax(_forward(model, image, context)["logits"].float() / temperature, 1)
-                     for _ in range(passes)]
+            if reuse_features and _head_only(model):
+                features = model.backbone(image)
+                if model.head_type == "two_stream":
+                    if context is None:
+                        raise ModelError("a two_stream model needs the context image too")
+                    ctx = (model.context_backbone or model.backbone)(context)
+                    run = lambda: model.head(features, ctx)  # noqa: E731
+                else:
+                    run = lambda: model.head(features)  # noqa: E731
+            else:
+                run = lambda: _forward(model, image, context)  # noqa: E731
+            stack = [torch.softmax(run()["logits"].float() / temperature, 1) for _ in range(passes)]
     finally:
         model.eval()
     return torch.stack(stack).double().cpu()
