@@ -137,3 +137,17 @@ def test_train_refuses_an_unknown_model_ood_before_training(tiny_data, tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: unknown model OOD method 'odni' (did you mean 'odin'?); choose from odin, mc-dropout"]
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_uses_the_calibrated_options_and_threshold(model_ood_run, tiny_data, tmp_path):
+    from taxonomist.evaluate.run import evaluate_run
+
+    kw = dict(out=tmp_path / "e", device="cpu", num_workers=0, progress=False)
+    m = evaluate_run(model_ood_run, tiny_data, model_ood=["mc-dropout"], **kw).metrics["ood"]["mc-dropout"]
+    meta = json.loads((model_ood_run / "checkpoints" / "best.json").read_text())
+    assert m["threshold_source"] == "stored at calibration"
+    assert m["threshold"] == pytest.approx(meta["ood"]["thresholds"]["mc-dropout"]["0.95"])
+    # options given here win over the stored ones, and the threshold is then fitted on the val rows again
+    m2 = evaluate_run(model_ood_run, tiny_data, model_ood=["mc-dropout"], model_ood_options={"mc-dropout":
+                      {"passes": 3}}, **kw).metrics["ood"]["mc-dropout"]
+    assert m2["threshold_source"] == "95% of the val rows kept" and m2["auroc"] != m["auroc"]

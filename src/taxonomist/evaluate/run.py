@@ -191,6 +191,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     res = infer(rows, "evaluate")
     notes = []
     ood_scores, ood_thr = None, {}
+    stored_thr: set[str] = set()  # model OOD methods whose threshold (and options) came from the calibration
     ood_rows = dataset.annotations[dataset.annotations["split"] == "ood"] \
         if "split" in dataset.annotations.columns else dataset.annotations.iloc[:0]
     if ood_rows.empty:
@@ -205,10 +206,11 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             ood_scores = {method: (scorer.score(res.features, res.logits), scorer.score(unk.features, unk.logits))
                           for method, scorer in ood_scorers.items()}
         if model_ood or ensemble:
-            extra, extra_thr = _model_ood(infer, model, meta, dataset, rows, ood_rows, used_split, model_ood,
-                                          model_ood_options or {}, ensemble, res, dev, progress)
+            extra, extra_thr, stored = _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split,
+                                                  model_ood, model_ood_options or {}, ensemble, res, dev, progress)
             ood_scores = {**(ood_scores or {}), **extra}
             ood_thr = {**ood_thr, **extra_thr}
+            stored_thr |= stored
 
     temperature = float(meta.get("temperature", 1.0))
     metric = meta.get("metric", "lca")
@@ -217,7 +219,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                               ood_scores=ood_scores, ood_thresholds=ood_thr)
     m = result.metrics
     for method in set(m.get("ood") or {}) & set(ood_thr) - set(ood_scorers or {}):
-        m["ood"][method]["threshold_source"] = f"{OOD_KNOWN_TPR:.0%} of the val rows kept"
+        m["ood"][method]["threshold_source"] = ("stored at calibration" if method in stored_thr else
+                                                f"{OOD_KNOWN_TPR:.0%} of the val rows kept")
     out_dir = Path(out) if out else (run_dir or ckpt.parent)
     m.update(split=used_split, candidates=spec, thresholds=thr, checkpoint=str(ckpt.resolve()),
              run_dir=str(run_dir.resolve()) if run_dir else None, data=str(Path(data).resolve()),
@@ -242,14 +245,18 @@ def _check_model_ood(methods: Sequence[str]) -> None:
                               f"choose from {', '.join(MODEL_OOD_METHODS)}")
 
 
-def _model_ood(infer, model, meta, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,
-               progress) -> tuple[dict, dict]:
-    """Scores of the model-side OOD methods and of ensemble disagreement on (known rows, ood rows), and their
-    thresholds (95 % of the `val` rows kept) when the dataset has val rows other than the evaluated ones."""
+def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,
+               progress) -> tuple[dict, dict, set]:
+    """Scores of the model-side OOD methods and of ensemble disagreement on (known rows, ood rows), their
+    thresholds, and the methods whose threshold is the checkpoint's own.
+
+    A method the checkpoint was calibrated with (`decide.model_ood`) and given no options here runs with the
+    stored options and keeps the stored threshold, as `predict --ood` does; otherwise the threshold keeps 95 %
+    of the dataset's `val` rows when it has val rows other than the evaluated ones."""
     import numpy as np
 
     from taxonomist.decide import ensemble_disagreement
-    from taxonomist.inference.calibrate import known_threshold
+    from taxonomist.inference.calibrate import known_threshold, model_ood_options, ood_threshold
     from taxonomist.inference.ood_model import model_ood_scores
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -258,14 +265,20 @@ def _model_ood(infer, model, meta, dataset, rows, ood_rows, used_split, methods,
         val_rows = dataset.annotations[dataset.annotations["split"] == "val"]
     temperature = float(meta.get("temperature", 1.0))
     std = meta["preprocessing"]["std"]
-    scores, thresholds = {}, {}
+    scores, thresholds, stored = {}, {}, set()
     for method in dict.fromkeys(methods):
-        def runner(mod, loader, method=method):
-            return model_ood_scores(method, mod, loader, dev, temperature, std, options.get(method), progress)
+        calibrated = model_ood_options(ckpt, method) if options.get(method) is None else None
+        opts = calibrated if calibrated is not None else options.get(method)
+
+        def runner(mod, loader, method=method, opts=opts):
+            return model_ood_scores(method, mod, loader, dev, temperature, std, opts, progress)
         known = infer(rows, method, runner=runner).scores
         unknown = infer(ood_rows, method, allow_unknown=True, runner=runner).scores
         scores[method] = (known, unknown)
-        if not val_rows.empty:
+        if calibrated is not None:
+            thresholds[method] = ood_threshold(ckpt, method, OOD_KNOWN_TPR)
+            stored.add(method)
+        elif not val_rows.empty:
             thresholds[method] = known_threshold(infer(val_rows, method, runner=runner).scores, OOD_KNOWN_TPR)
     if ensemble:
         labels = list(meta["labels"])
@@ -294,7 +307,7 @@ def _model_ood(infer, model, meta, dataset, rows, ood_rows, used_split, methods,
         scores["ensemble"] = (out["known"], out["unknown"])
         if "val" in out:
             thresholds["ensemble"] = known_threshold(out["val"], OOD_KNOWN_TPR)
-    return scores, thresholds
+    return scores, thresholds, stored
 
 
 def _group_level(taxonomy: Taxonomy) -> str | None:
