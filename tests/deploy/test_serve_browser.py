@@ -212,3 +212,94 @@ def test_page_uploads_an_image_and_shows_the_decision(served, tmp_path):
         assert all(u.startswith((base + "/", "blob:", "data:")) for u in urls), urls
     finally:
         tools.close()
+
+
+# ---------------------------------------------------------------------------------------------- boxes on frames
+@pytest.fixture(scope="module")
+def served_two_stream(two_stream_run):
+    run, _, frames, _ = two_stream_run
+    port = free_port()
+    proc = start_server(run, port)
+    yield f"http://127.0.0.1:{port}", frames
+    proc.terminate()
+    proc.wait(30)
+
+
+def drag(tools: DevTools, session: str, selector: str, start: tuple[int, int], end: tuple[int, int]) -> None:
+    """Press, move in steps and release the left mouse button from `start` to `end` (pixels of the element
+    `selector`): Chromium turns these into the pointerdown/move/up events a user's mouse makes."""
+    left, top = tools.evaluate(session, f"(() => {{ const r = document.querySelector({selector!r})"
+                                        ".getBoundingClientRect(); return [r.left, r.top]; })()")
+    (x0, y0), (x1, y1) = (left + start[0], top + start[1]), (left + end[0], top + end[1])
+    tools.call("Input.dispatchMouseEvent", session, type="mousePressed", x=x0, y=y0, button="left", buttons=1,
+               clickCount=1)
+    for k in range(1, 5):
+        tools.call("Input.dispatchMouseEvent", session, type="mouseMoved", x=x0 + (x1 - x0) * k / 4,
+                   y=y0 + (y1 - y0) * k / 4, button="left", buttons=1)
+    tools.call("Input.dispatchMouseEvent", session, type="mouseReleased", x=x1, y=y1, button="left", buttons=0,
+               clickCount=1)
+
+
+def test_page_draws_a_box_on_a_frame_and_identifies_the_organism(served_two_stream, tmp_path):
+    import httpx
+
+    base, frames = served_two_stream
+    frame = frames / "dive0" / "frame00.png"            # 112×84: shown at its own size (scale 1)
+    tools = DevTools(tmp_path / "profile")
+    try:
+        session = open_page(tools, base + "/")
+        assert "draw a box around it" in tools.wait_for(
+            session, "document.getElementById('model').textContent.includes('3× the box') && "
+                     "document.getElementById('model').textContent")
+        assert tools.evaluate(session, "[document.getElementById('use-box').checked, "
+                                       "document.getElementById('use-box').disabled]") == [True, True]
+        # the geometry on a frame shown at half size: display pixels → whole frame pixels, clamped to the frame
+        assert tools.evaluate(session, """(() => { const B = window.TaxonomistBox; return [
+            B.fit(1920, 1080, 720, 480), B.fromDrag(10, 10, 20.5, 30, 0.5, 100, 100),
+            B.fromDrag(-5, -5, 300, 20, 0.5, 100, 100), B.fromDrag(7, 7, 7.2, 9, 0.5, 100, 100),
+            B.parse('[3 4 5.5 6]', 100, 100), B.parse('1,2,0,4', 100, 100), B.parse('100,2,3,4', 100, 100),
+            B.visible({x: -3, y: 6, w: 38, h: 39}, 112, 84)]; })()""") == [
+            0.375, {"x": 20, "y": 20, "w": 21, "h": 40}, {"x": 0, "y": 0, "w": 100, "h": 40}, None,
+            {"x": 3, "y": 4, "w": 5.5, "h": 6}, None, None, {"x": 0, "y": 6, "w": 35, "h": 39}]
+        upload(tools, session, [frame])
+        tools.wait_for(session, "document.querySelectorAll('.frame.loaded').length === 1")
+        assert tools.evaluate(session, "[document.querySelector('.frame-canvas').width, "
+                                       "document.querySelector('.frame-canvas').height, "
+                                       "document.querySelector('.identify').disabled]") == [112, 84, True]
+        # drag from the lower right to the upper left: the box is the same rectangle
+        drag(tools, session, ".frame-canvas", (105, 80), (70, 44))
+        assert tools.evaluate(session, "document.querySelector('.box-field').value") == "70,44,35,36"
+        drag(tools, session, ".frame-canvas", (20, 20), (21, 20))    # a click, not a box: the box stays
+        assert tools.evaluate(session, "document.querySelector('.box-field').value") == "70,44,35,36"
+        # the box is drawn: its outline is yellow, the frame outside it dimmed
+        outline, outside = tools.evaluate(session, """(() => { const c = document.querySelector('.frame-canvas')
+            .getContext('2d'); return [Array.from(c.getImageData(71, 60, 1, 1).data),
+                                       Array.from(c.getImageData(20, 70, 1, 1).data)]; })()""")
+        assert outline[:3] == [255, 212, 0] and max(outside[:3]) < 90 * 0.65 + 1
+        tools.evaluate(session, "document.querySelector('.identify').click()")
+        # a second organism's box typed by hand, in the same frame
+        tools.evaluate(session, """(() => { const f = document.querySelector('.box-field'); f.value = '-3,6,38,39';
+            f.dispatchEvent(new Event('input')); document.querySelector('.identify').click(); })()""")
+        tools.wait_for(session, "document.querySelectorAll('.card.done').length === 2")
+        cards = tools.evaluate(session, """Array.from(document.querySelectorAll('.card.done')).map(c => ({
+            bbox: c.getAttribute('data-bbox'), decision: c.querySelector('.decision').textContent,
+            caption: c.querySelector('.filename').textContent, levels: c.querySelectorAll('.lineage tr').length,
+            thumb: [c.querySelector('img').naturalWidth, c.querySelector('img').naturalHeight]}))""")
+        by_box = {c["bbox"]: c for c in cards}
+        for bbox, thumb in (("70,44,35,36", [35, 36]), ("-3,6,38,39", [35, 39])):
+            expected = httpx.post(f"{base}/predict", files=[("file", (frame.name, frame.read_bytes(), "image/png")),
+                                                            ("bbox", (None, bbox))], timeout=60).json()
+            answer = expected["predictions"][0]
+            card = by_box[bbox]
+            assert card["decision"] == answer["decision"] and card["levels"] == len(answer["lineage"]) > 1
+            assert card["caption"] == f"frame00.png · box {bbox}" and card["thumb"] == thumb   # the ROI, clipped
+
+        errors = [e for e in tools.events if e["method"] == "Runtime.exceptionThrown"
+                  or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+                  or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")]
+        assert errors == []
+        urls = [e["params"]["request"]["url"] for e in tools.events if e["method"] == "Network.requestWillBeSent"]
+        assert sum(u.endswith("/predict") for u in urls) == 2
+        assert all(u.startswith((base + "/", "blob:", "data:")) for u in urls), urls
+    finally:
+        tools.close()

@@ -11,14 +11,23 @@ examples:
   taxonomist serve model.onnx --ood energy --ood-tpr 0.95 --max-batch 64
   TAXONOMIST_TOKEN=$(openssl rand -hex 16) taxonomist serve RUN --host 0.0.0.0 --token-env TAXONOMIST_TOKEN --workers 2
 
+  taxonomist serve runs/fathomnet2025                             # a two-stream model (ROI + context)
+  taxonomist serve fn.onnx --context-scale 3                      # its context scale, when not recorded
+
   curl -F file=@photo.jpg http://127.0.0.1:8000/predict
   curl -F file=@a.jpg -F file=@b.jpg -H "Authorization: Bearer $TAXONOMIST_TOKEN" http://HOST:8000/predict
+  curl -F file=@frame.jpg -F bbox=412,230,96,64 http://127.0.0.1:8000/predict          # a frame and a box
+  curl -F file=@roi.jpg -F context=@roi_context.jpg http://127.0.0.1:8000/predict      # two-stream: a pair
 
-Endpoints: GET / (the page: drop images, see decision, lineage and top 5), POST /predict (multipart field
-`file`, one or several images), GET /health, GET /taxonomy, GET /metadata, GET /openapi.json, GET /docs.
+Endpoints: GET / (the page: drop images, draw a box on a frame, see decision, lineage and top 5), POST /predict
+(multipart field `file`, one or several images; with a `bbox` field x,y,w,h per file, each file is a full frame
+and the service cuts the box, and for two-stream models its context, as `data prepare` does; a two-stream model
+takes either a `context` file per file or a `bbox` per file), GET /health, GET /taxonomy, GET /metadata,
+GET /openapi.json, GET /docs.
 Requests arriving together are batched (up to --max-batch images, waiting at most --max-wait-ms).
 The service binds 127.0.0.1; another --host needs --token-env VAR (a bearer token checked on every request
-but /health and the page's static files). Decisions and OOD options are those of `taxonomist predict`.
+but /health and the page's static files). Decisions and OOD options are those of `taxonomist predict`
+(every OOD method but ensemble).
 """
 
 
@@ -36,8 +45,10 @@ def register(sub, formatter):
     p.add_argument("--thresholds", metavar="RANK=P,…", default=None, help="backoff thresholds (as predict)")
     p.add_argument("--selective-threshold", type=float, default=None, metavar="P",
                    help="selective: answer the deepest node with P(node) >= P (default 0.5)")
-    p.add_argument("--ood", choices=OOD_CHOICES, default=None, metavar="METHOD",
-                   help=f"flag unknown taxa with an OOD score: {', '.join(OOD_CHOICES)}")
+    methods = tuple(m for m in OOD_CHOICES if m != "ensemble")  # one model: no ensemble disagreement
+    p.add_argument("--ood", choices=methods, default=None, metavar="METHOD",
+                   help=f"flag unknown taxa with an OOD score: {', '.join(methods)} (odin and mc-dropout run the "
+                        "PyTorch model again per batch)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ood-threshold", type=float, default=None, metavar="T", help="flag when the OOD score >= T")
     group.add_argument("--ood-tpr", type=float, default=None, metavar="0.95",
@@ -53,6 +64,9 @@ def register(sub, formatter):
                    help="environment variable holding the bearer token the clients must send")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="uvicorn worker processes, each with its own copy of the model")
+    p.add_argument("--context-scale", default=None, metavar="S|full",
+                   help="the context a frame + bbox gives a two-stream model: S × the box's longer side, or the "
+                        "whole frame (default: the scale the model recorded at training; `data prepare --context`)")
     p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda or mps")
     p.add_argument("--access-log", action="store_true", help="log every request (off: one line per request is "
                                                             "costly under load)")
@@ -84,7 +98,7 @@ def run(args) -> int:
     options = ServeOptions(decision=args.decision, candidates=args.candidates, thresholds=args.thresholds,
                            selective_threshold=args.selective_threshold, ood=args.ood,
                            ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback=args.ood_fallback,
-                           device=args.device)
+                           device=args.device, context_scale=args.context_scale)
     app_kwargs = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                       max_files=args.max_files)
     check_limits(**app_kwargs)

@@ -31,6 +31,8 @@ IMAGE_FORMATS = {"jpeg": ("JPEG", ".jpg"), "png": ("PNG", ".png")}
 BBOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
+#: `data prepare` shrinks the `full` context (the whole frame) to this longer side by default.
+FULL_MAX_SIDE = 1024
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -227,6 +229,60 @@ def crop_windows(boxes: np.ndarray, scale: float, width: int, height: int) -> np
     return np.concatenate([lo, hi], axis=1).astype(np.int64)
 
 
+def box_windows(box, scale: str, width: int, height: int) -> tuple[list[int], list[int]]:
+    """The ROI window and the context window `[left, top, right, bottom]` that `prepare_coco` cuts from a
+    `width × height` frame for one COCO box `[x, y, w, h]` at context scale `scale` (a `parse_context` name:
+    "3", "1.5", … or "full", the whole frame, which prepare also shrinks with `shrink_frame`).
+
+    The box is clipped to the frame first, as prepare clips it; a box with no pixel inside the frame raises
+    ValueError. The service (`taxonomist serve`, a frame and a box) cuts its crops here so that they are the
+    crops `data prepare` writes.
+
+    >>> box_windows([10, 20, 4, 2], "3", 100, 100)
+    ([10, 20, 14, 22], [6, 15, 18, 27])
+    >>> box_windows([90, 95, 20, 20], "full", 100, 100)
+    ([90, 95, 100, 100], [0, 0, 100, 100])
+    """
+    boxes = clip_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), width, height)
+    if not (boxes[0, 2] > 0 and boxes[0, 3] > 0):
+        raise ValueError(f"box {list(box)} has no pixel inside the {width}×{height} frame")
+    roi = crop_windows(boxes, 1, width, height)[0].tolist()
+    context = [0, 0, int(width), int(height)] if scale == "full" else \
+        crop_windows(boxes, float(scale), width, height)[0].tolist()
+    return roi, context
+
+
+_CONTEXT_FOLDER = re.compile(r"^context/([^/]+)/")
+
+
+def context_scale(paths) -> str | None:
+    """The context scale of a `context_path` column laid out as `data prepare` writes it (`context/<scale>/…`),
+    or None when the paths do not all follow that layout with one scale (`data synth`'s scenes, other tools).
+    Empty cells are ignored.
+
+    >>> context_scale(["context/3/a_1.jpg", "context/3/sub/b_2.jpg"]), context_scale(["context/full/a.jpg"])
+    ('3', 'full')
+    >>> context_scale(["context/Aurelia/0001.jpg"]), context_scale(["context/3/a.jpg", "context/5/b.jpg"])
+    (None, None)
+    """
+    found: set[str] = set()
+    for path in paths:
+        text = "" if path is None or (isinstance(path, float) and math.isnan(path)) else str(path).strip()
+        if not text:
+            continue
+        match = _CONTEXT_FOLDER.match(text.replace("\\", "/"))
+        if match is None:
+            return None
+        try:
+            names = parse_context(match.group(1))
+        except ConfigError:
+            return None
+        if names != [match.group(1)]:  # "1" or a spelling prepare never writes ("3.0")
+            return None
+        found.add(match.group(1))
+    return found.pop() if len(found) == 1 else None
+
+
 # ---------------------------------------------------------------------------------------------- prepare
 @dataclass
 class PrepareSummary:
@@ -269,7 +325,7 @@ class PrepareSummary:
 
 
 def prepare_coco(coco_json: str | Path, images_dir: str | Path, out_dir: str | Path, context: str = "1,3,full",
-                 taxonomy: str | Path | None = None, min_size: float = 2.0, full_max_side: int = 1024,
+                 taxonomy: str | Path | None = None, min_size: float = 2.0, full_max_side: int = FULL_MAX_SIDE,
                  image_format: str = "jpeg", workers: int = 4, progress: bool = False) -> PrepareSummary:
     """Turn a COCO file and its frames into a dataset directory (DESIGN.md, "Dataset").
 
@@ -436,7 +492,7 @@ class _FrameCutter:
         for scale in ["1", *self.scales]:
             if scale == "full":
                 path = f"context/full/{stem}{self.ext}"
-                self._save(_shrink(frame, self.full_max_side), path)
+                self._save(shrink_frame(frame, self.full_max_side), path)
                 columns[scale] = [path] * len(kept)
                 continue
             windows = crop_windows(boxes[kept], float(scale), width, height)
@@ -480,7 +536,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _shrink(frame: Image.Image, max_side: int) -> Image.Image:
+def shrink_frame(frame: Image.Image, max_side: int = FULL_MAX_SIDE) -> Image.Image:
+    """The whole frame as the `full` context: its longer side shrunk to `max_side` (0 or a smaller frame: as is)."""
     if not max_side or max(frame.size) <= max_side:
         return frame
     ratio = max_side / max(frame.size)

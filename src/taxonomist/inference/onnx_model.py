@@ -33,7 +33,7 @@ INPUT_NAMES = ("image", "context")
 OUTPUT_NAMES = ("logits", "features")
 INSTALL_HINT = "pip install 'taxonomist[onnx]'"
 
-_DATA_KEYS = ("resize", "crop_pct", "grayscale", "input")
+_DATA_KEYS = ("resize", "crop_pct", "grayscale", "input", "context")
 
 
 def taxonomy_csv_text(taxonomy: Taxonomy) -> str:
@@ -55,7 +55,8 @@ def file_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
         preprocessing = {"image_size": int(meta["image_size"]), "mean": [float(v) for v in pre["mean"]],
                          "std": [float(v) for v in pre["std"]], "interpolation": pre.get("interpolation", "bicubic"),
                          "resize": data.get("resize", "stretch"), "crop_pct": float(data.get("crop_pct", 0.875)),
-                         "grayscale": bool(data.get("grayscale", False)), "input": data.get("input", "path")}
+                         "grayscale": bool(data.get("grayscale", False)), "input": data.get("input", "path"),
+                         "context": data.get("context")}
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"checkpoint metadata lacks {e} (labels, taxonomy, image_size and preprocessing are "
                          "needed to export)") from None

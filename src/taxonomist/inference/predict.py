@@ -400,7 +400,7 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     ckpts = [resolve_model(p) for p in paths]
     if weights is not None and len(weights) != len(ckpts):
         raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
-    _check_ood_options(ood, ood_threshold, ood_tpr, ckpts)
+    check_ood_options(ood, ood_threshold, ood_tpr, ckpts)
     if ood_tpr is not None:
         check_tpr(ood_tpr)
     metas = [read_model_metadata(ckpt) for ckpt in ckpts]
@@ -550,7 +550,7 @@ def _predict_chunks(ckpts: list[Path], images_in: ImageInput, mine: list, store:
         return n_answered, n_resumed
     # models load once per process, and not at all when every chunk of a resumed process is done
     loaded = [_Loaded(p, *load_model(p, device=str(dev))) for p in ckpts]
-    scorers = _ood_scorers(ckpts, rules.ood, rules.ood_threshold, rules.ood_tpr) if rules.ood else None
+    scorers = member_ood_scorers(ckpts, rules.ood, rules.ood_threshold, rules.ood_tpr) if rules.ood else None
     desc = "predict" if shard.world == 1 else f"predict (rank 0 of {shard.world})"
     with tqdm(total=sum(b - a for _, a, b, _ in todo), desc=desc, unit="img", leave=False, file=sys.stderr,
               disable=not progress or shard.rank != 0) as bar:
@@ -648,7 +648,7 @@ def _run_members(members: list[_Loaded], images_in: ImageInput, dev, tta_views, 
     return common, aligned, [(k, skipped_by_row[k]) for k in sorted(skipped_by_row)]
 
 
-def _check_ood_options(ood: str | None, threshold: float | None, tpr: float | None, ckpts: list[Path]) -> None:
+def check_ood_options(ood: str | None, threshold: float | None, tpr: float | None, ckpts: list[Path]) -> None:
     """The `--ood` options that need no model file read: the method, and a threshold the method can use."""
     from taxonomist.inference.model_file import is_onnx
 
@@ -680,7 +680,7 @@ def _check_ood_options(ood: str | None, threshold: float | None, tpr: float | No
 
 
 @dataclass
-class _MemberOOD:
+class MemberOOD:
     """How one member scores unknowns: a fitted scorer (feature/logit methods) or a model score with options."""
 
     threshold: float
@@ -688,7 +688,7 @@ class _MemberOOD:
     options: dict | None = None      # for MODEL_OOD_METHODS: as calibrated (or the defaults with a given threshold)
 
 
-def _ood_scorers(ckpts: list[Path], method: str, threshold: float | None, tpr: float | None) -> list[_MemberOOD]:
+def member_ood_scorers(ckpts: list[Path], method: str, threshold: float | None, tpr: float | None) -> list[MemberOOD]:
     """How each member scores `method`, read once: the stored statistics or model-score options, and the stored
     (or given) threshold. `ensemble` has no per-member scorer: an empty list."""
     from taxonomist.inference.calibrate import load_ood_scorers, model_ood_options
@@ -706,18 +706,18 @@ def _ood_scorers(ckpts: list[Path], method: str, threshold: float | None, tpr: f
                                  f"or give --ood-threshold T (`taxonomist evaluate RUN --model-ood {method}` reports "
                                  f"ood.{method}.threshold)")
             t = threshold if threshold is not None else stored_threshold(ckpt, method, tpr or DEFAULT_OOD_TPR)
-            out.append(_MemberOOD(float(t), options=options or {}))
+            out.append(MemberOOD(float(t), options=options or {}))
             continue
         scorers = load_ood_scorers(ckpt)
         if method not in scorers:
             raise ModelError(f"{ckpt}: no {method!r} OOD statistics (stored: {', '.join(scorers) or 'none'}); "
                              "`taxonomist train` calibrates checkpoints unless --no-calibrate")
         t = threshold if threshold is not None else stored_threshold(ckpt, method, tpr or DEFAULT_OOD_TPR)
-        out.append(_MemberOOD(float(t), scorer=scorers[method]))
+        out.append(MemberOOD(float(t), scorer=scorers[method]))
     return out
 
 
-def _flag_unknowns(rules: _Rules, scorers: list[_MemberOOD], loaded: list[_Loaded], aligned: list,
+def _flag_unknowns(rules: _Rules, scorers: list[MemberOOD], loaded: list[_Loaded], aligned: list,
                    chunk: ImageInput, common: np.ndarray, dev):
     """(ood_score, unknown) of the rows `common` of `chunk`: the raw score for one model; for an ensemble the
     mean margin (score − own threshold) over members, or with `ensemble` the members' disagreement."""
@@ -740,7 +740,7 @@ def _flag_unknowns(rules: _Rules, scorers: list[_MemberOOD], loaded: list[_Loade
     return mean_margin, mean_margin >= 0
 
 
-def _model_ood_scores(member: _Loaded, how: _MemberOOD, rules: _Rules, chunk: ImageInput, common: np.ndarray,
+def _model_ood_scores(member: _Loaded, how: MemberOOD, rules: _Rules, chunk: ImageInput, common: np.ndarray,
                       dev) -> np.ndarray:
     """ODIN / MC-dropout scores of one member on the rows `common` of `chunk` (without TTA: one view)."""
     from taxonomist.inference.ood_model import model_ood_rows

@@ -169,6 +169,16 @@ def _distributed():
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _context_scale(rows, uses_context: bool) -> str | None:
+    """The context scale a context-using model saw ("3", "full", … from `data prepare`'s `context/<scale>/`
+    paths), so that `taxonomist serve` can cut the same context from a frame and a box; None when unknown."""
+    from taxonomist.data.coco import context_scale
+
+    if not uses_context or "context_path" not in rows.columns:
+        return None
+    return context_scale(rows["context_path"].tolist())
+
+
 def _lr_lambda(cfg: Config, steps_per_epoch: int):
     warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
     total = max(1, cfg.train.epochs * steps_per_epoch)
@@ -364,7 +374,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         "backbone": cfg.model.backbone, "head": cfg.model.head, "image_size": cfg.data.image_size,
         "preprocessing": pre, "model_config": _model_config_dict(cfg), "metric": metric, "model": model_meta,
         "data": {"resize": cfg.data.resize, "grayscale": cfg.data.grayscale, "crop_pct": cfg.augment.crop_pct,
-                 "input": input_col},
+                 "input": input_col, "context": _context_scale(train_rows, two_stream or input_col == "context_path")},
         "monitor": cfg.train.monitor,
     }
 

@@ -10,10 +10,11 @@ import hmac
 import json
 import os
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from taxonomist.deploy.serve.batcher import MicroBatcher
+from taxonomist.deploy.serve.boxes import parse_bbox
 from taxonomist.deploy.serve.predictor import Predictor, ServeOptions
 from taxonomist.deploy.serve.uploads import MAX_IMAGE_PIXELS, UploadError, decode_upload
 
@@ -135,7 +136,7 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
     @app.get("/health", summary="Liveness and the model served")
     async def health():
         return {"status": "ok", "model": predictor.info["model"], "decision": predictor.options.decision,
-                "auth": token is not None, "batching": batcher.stats.as_dict()}
+                "auth": token is not None, "inputs": predictor.inputs(), "batching": batcher.stats.as_dict()}
 
     @app.get("/taxonomy", summary="The model's taxonomy: nodes with parent and rank, and its labels")
     async def taxonomy():
@@ -147,11 +148,19 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
 
     upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                "description": "one or several images (repeat the field)"}}}}}}}
+        "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": "one or several images (repeat the field): crops, or full frames with 'bbox'"},
+            "context": {"type": "array", "items": {"type": "string", "format": "binary"},
+                        "description": "two-stream models: the context crop of each 'file', in the same order"},
+            "bbox": {"type": "array", "items": {"type": "string", "example": "120,80,64,48"},
+                     "description": "x,y,w,h in pixels of each 'file' (a full frame), in the same order: the "
+                                    "service cuts the ROI and, for two-stream models, the context as `data "
+                                    "prepare` does; the answer echoes it"}}}}}}}
 
     @app.post("/predict", openapi_extra=upload_schema, summary="Identify the organisms in one or several images",
-              responses={400: {"description": "empty, corrupt or oversized-dimension image, or a malformed form"},
+              responses={400: {"description": "empty, corrupt or oversized-dimension image, a malformed form, "
+                                               "a bad bbox, or files and contexts/bboxes that do not pair up"},
                          401: {"description": "missing or wrong bearer token"},
                          413: {"description": "request body over --max-upload-mb"},
                          415: {"description": "not multipart/form-data, or a file that is not an image"}})
@@ -176,7 +185,8 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
                     raise _TooLarge()
                 yield chunk
 
-        parser = MultiPartParser(request.headers, limited(), max_files=max_files, max_fields=16,
+        # a two-stream request carries a context file or a bbox field beside each image
+        parser = MultiPartParser(request.headers, limited(), max_files=2 * max_files, max_fields=max_files + 16,
                                  max_part_size=64 * 1024)
         try:
             form = await parser.parse()
@@ -185,20 +195,14 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
         except MultiPartException as e:
             return error(400, f"malformed multipart form: {e}")
         try:
-            values = form.getlist("file")
-            if not values:
-                return error(400, "no image: send one or more files in the multipart field 'file'")
-            if any(isinstance(v, str) for v in values):
-                return error(400, "the field 'file' must carry files, not text (a path or URL is not fetched)")
-            uploads = [(v.filename or f"file{k + 1}", await v.read()) for k, v in enumerate(values)]
-        finally:
-            await form.close()
-        try:
-            inputs = await run_in_threadpool(_prepare, predictor, uploads, max_image_pixels)
+            jobs = await _read_form(form, predictor, max_files)
+            inputs = await run_in_threadpool(_prepare, predictor, jobs, max_image_pixels)
         except UploadError as e:
             return error(e.status, e.message)
+        finally:
+            await form.close()
         answers = await asyncio.wrap_future(batcher.submit(inputs))
-        return {"predictions": [{"filename": name, **answer} for (name, _), answer in zip(uploads, answers)]}
+        return {"predictions": [job.answer(answer) for job, answer in zip(jobs, answers)]}
 
     # ------------------------------------------------------------------------------------ the page
     @app.get("/", include_in_schema=False)
@@ -247,9 +251,82 @@ class _Guard:
         await self.app(scope, receive, send_with_headers)
 
 
-def _prepare(predictor: Predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list:
-    """Decode and preprocess every upload of a request (in a thread-pool thread, off the event loop)."""
-    return [predictor.preprocess(decode_upload(data, name, max_pixels)) for name, data in uploads]
+@dataclass
+class _Job:
+    """One image of a request: its file, and its context file or its box when sent."""
+
+    filename: str
+    data: bytes
+    context_name: str | None = None
+    context_data: bytes | None = None
+    bbox: tuple[float, float, float, float] | None = None
+
+    def answer(self, answer: dict) -> dict:
+        extra = {"bbox": list(self.bbox)} if self.bbox is not None else {}
+        if self.context_name is not None:
+            extra["context"] = self.context_name
+        return {"filename": self.filename, **extra, **answer}
+
+
+async def _read_form(form, predictor: Predictor, max_files: int) -> list[_Job]:
+    """The request's images paired with their `context` files or `bbox` fields (by order); an `UploadError`
+    (400) naming the field for every way they do not fit together or the model."""
+    files, contexts, boxes = form.getlist("file"), form.getlist("context"), form.getlist("bbox")
+    if not files:
+        raise UploadError(400, "no image: send one or more files in the multipart field 'file'")
+    if any(isinstance(v, str) for v in files):
+        raise UploadError(400, "the field 'file' must carry files, not text (a path or URL is not fetched)")
+    if len(files) > max_files:
+        raise UploadError(400, f"{len(files)} files in the field 'file' exceed the limit of {max_files} images per "
+                               "request (--max-files)")
+    if any(isinstance(v, str) for v in contexts):
+        raise UploadError(400, "the field 'context' must carry files (the context crop of each image), not text")
+    if any(not isinstance(v, str) for v in boxes):
+        raise UploadError(400, "the field 'bbox' must be text x,y,w,h (pixels of the frame), not a file")
+    if contexts and boxes:
+        raise UploadError(400, "send either 'context' files (crops) or 'bbox' fields (full frames), not both")
+    if contexts and not predictor.two_stream:
+        raise UploadError(400, f"field 'context': this model takes one image per example, not a context image "
+                               f"({len(contexts)} sent); send 'file' alone, or a frame in 'file' with its 'bbox'")
+    for name, given in (("context", contexts), ("bbox", boxes)):
+        if given and len(given) != len(files):
+            raise UploadError(400, f"field '{name}': {len(given)} given for {len(files)} files in 'file'; send "
+                                   f"one '{name}' per file, in the same order")
+    if predictor.two_stream and not contexts and not boxes:
+        raise UploadError(400, "this two-stream model needs each image's context: send the ROI crop in 'file' and "
+                               "its context crop in 'context', or the full frame in 'file' and the organism's box "
+                               "in 'bbox' (x,y,w,h in pixels)")
+    if boxes:
+        predictor.require_context_scale("field 'bbox'")
+    jobs = []
+    for k, upload in enumerate(files):
+        job = _Job(upload.filename or f"file{k + 1}", await upload.read())
+        if boxes:
+            job.bbox = parse_bbox(boxes[k], f"field 'bbox' of {job.filename!r} (image {k + 1})")
+        if contexts:
+            job.context_name = contexts[k].filename or f"context{k + 1}"
+            job.context_data = await contexts[k].read()
+        jobs.append(job)
+    return jobs
+
+
+def _prepare(predictor: Predictor, jobs: list[_Job], max_pixels: int) -> list:
+    """Decode and preprocess every image of a request, cutting frames by their boxes (in a thread-pool thread,
+    off the event loop)."""
+    inputs = []
+    for job in jobs:
+        image = decode_upload(job.data, job.filename, max_pixels)
+        if job.bbox is not None:
+            inputs.append(predictor.crops(image, job.bbox, f"field 'bbox' of {job.filename!r}"))
+        elif job.context_data is not None:
+            try:
+                context = decode_upload(job.context_data, job.context_name, max_pixels)
+            except UploadError as e:
+                raise UploadError(e.status, f"field 'context': {e.message}") from None
+            inputs.append(predictor.preprocess(image, context))
+        else:
+            inputs.append(predictor.preprocess(image))
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------ workers
