@@ -211,7 +211,9 @@ def make_objective(base: Config, params: list[Parameter], out_dir: Path, metric:
 
             def on_epoch(epoch: int, row: dict) -> None:
                 trial.report(float(row[step_column]), epoch)
-                if trial.should_prune():
+                # after the last epoch there is nothing left to save: the trial completes and keeps its value
+                # (Hyperband would otherwise mark a fully trained trial as pruned, out of the ranking)
+                if epoch < cfg.train.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"{step_column} {row[step_column]:.4f} after epoch {epoch}")
 
             def train_log(message: str) -> None:
