@@ -43,7 +43,7 @@ def client(two):
 
 
 @pytest.fixture(scope="module")
-def test_rows(two) -> pd.DataFrame:
+def held_rows(two) -> pd.DataFrame:
     _, data, _, _ = two
     rows = pd.read_csv(data / "annotations.csv", keep_default_na=False, dtype=str)
     return rows[rows["split"] == "test"].reset_index(drop=True)
@@ -111,33 +111,33 @@ def test_context_scale_is_read_from_the_paths_prepare_writes():
 
 
 # ---------------------------------------------------------------------------------------------- parity
-def test_pairs_and_frames_with_boxes_answer_like_predict(two, client, test_rows, tmp_path):
+def test_pairs_and_frames_with_boxes_answer_like_predict(two, client, held_rows, tmp_path):
     run, data, _, _ = two
     table = offline(run, data, tmp_path / "p.csv")
-    pairs = client.post("/predict", files=pair_upload(data, test_rows))
+    pairs = client.post("/predict", files=pair_upload(data, held_rows))
     assert pairs.status_code == 200, pairs.text
     answers = pairs.json()["predictions"]
-    assert [a["context"] for a in answers] == test_rows["context_path"].tolist() and "bbox" not in answers[0]
-    assert_same(answers, table, test_rows)
+    assert [a["context"] for a in answers] == held_rows["context_path"].tolist() and "bbox" not in answers[0]
+    assert_same(answers, table, held_rows)
 
-    frames = client.post("/predict", files=frame_upload(two, test_rows))
+    frames = client.post("/predict", files=frame_upload(two, held_rows))
     assert frames.status_code == 200, frames.text
     answers = frames.json()["predictions"]
     _, _, _, boxes = two
-    assert [a["bbox"] for a in answers] == [boxes[ann][1] for ann in test_rows["annotation_id"]]  # echoed as sent
-    assert_same(answers, table, test_rows)
+    assert [a["bbox"] for a in answers] == [boxes[ann][1] for ann in held_rows["annotation_id"]]  # echoed as sent
+    assert_same(answers, table, held_rows)
     # the answers depend on the context: cut at another scale, the same boxes answer otherwise
     with TestClient(create_app(run, ServeOptions(device="cpu", context_scale="5"))) as other:
-        wider = other.post("/predict", files=frame_upload(two, test_rows)).json()["predictions"]
+        wider = other.post("/predict", files=frame_upload(two, held_rows)).json()["predictions"]
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(answers, wider)) > 1e-3
 
 
-def test_crops_cut_from_the_frame_are_the_prepared_files(two, test_rows):
+def test_crops_cut_from_the_frame_are_the_prepared_files(two, held_rows):
     from taxonomist.data.loading import read_image
     from taxonomist.deploy.serve.uploads import decode_upload
 
     _, data, frames, boxes = two
-    for row in test_rows.itertuples():
+    for row in held_rows.itertuples():
         file_name, bbox = boxes[row.annotation_id]
         frame = decode_upload((frames / file_name).read_bytes(), file_name)
         roi, context = cut_crops(frame, bbox, "3", "bbox")
@@ -167,7 +167,7 @@ def test_full_frame_context_is_shrunk_as_prepare_shrinks_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_two_stream_model_answers_frames_and_boxes_like_predict(two, test_rows, tmp_path):
+def test_onnx_two_stream_model_answers_frames_and_boxes_like_predict(two, held_rows, tmp_path):
     pytest.importorskip("onnxruntime")
     from taxonomist.deploy.export import export_model
 
@@ -177,15 +177,15 @@ def test_onnx_two_stream_model_answers_frames_and_boxes_like_predict(two, test_r
     table = offline(onnx_file, data, tmp_path / "onnx.csv")
     with TestClient(create_app(onnx_file, ServeOptions(device="cpu"))) as c:
         assert c.get("/health").json()["inputs"]["context_scale"] == "3"   # the scale travels in the file
-        response = c.post("/predict", files=frame_upload(two, test_rows))
+        response = c.post("/predict", files=frame_upload(two, held_rows))
         assert response.status_code == 200, response.text
-        assert_same(response.json()["predictions"], table, test_rows)
-        pairs = c.post("/predict", files=pair_upload(data, test_rows))
+        assert_same(response.json()["predictions"], table, held_rows)
+        pairs = c.post("/predict", files=pair_upload(data, held_rows))
         assert pairs.status_code == 200, pairs.text
-        assert_same(pairs.json()["predictions"], table, test_rows)
+        assert_same(pairs.json()["predictions"], table, held_rows)
 
 
-def test_an_older_checkpoint_without_a_context_scale_loads_and_takes_one(two, client, test_rows, tmp_path):
+def test_an_older_checkpoint_without_a_context_scale_loads_and_takes_one(two, client, held_rows, tmp_path):
     run, data, _, _ = two
     old = tmp_path / "old"
     shutil.copytree(run, old)
@@ -193,7 +193,7 @@ def test_an_older_checkpoint_without_a_context_scale_loads_and_takes_one(two, cl
     meta = json.loads(meta_file.read_text())
     del meta["data"]["context"]
     meta_file.write_text(json.dumps(meta))
-    rows = test_rows[:3]
+    rows = held_rows[:3]
     with TestClient(create_app(old, ServeOptions(device="cpu"))) as c:
         assert c.get("/health").json()["inputs"]["context_scale"] is None
         assert c.post("/predict", files=pair_upload(data, rows)).status_code == 200   # pairs need no scale
@@ -208,26 +208,26 @@ def test_an_older_checkpoint_without_a_context_scale_loads_and_takes_one(two, cl
     assert [a["confidence"] for a in answers] == pytest.approx([a["confidence"] for a in expected], abs=1e-6)
 
 
-def test_concurrent_two_stream_requests_share_batches(two, test_rows):
+def test_concurrent_two_stream_requests_share_batches(two, held_rows):
     run, data, _, _ = two
     with TestClient(create_app(run, ServeOptions(device="cpu"), max_batch=8, max_wait_ms=200)) as c:
-        single = {row.path: c.post("/predict", files=pair_upload(data, test_rows[k:k + 1])).json()["predictions"][0]
-                  for k, row in enumerate(test_rows.itertuples())}
+        single = {row.path: c.post("/predict", files=pair_upload(data, held_rows[k:k + 1])).json()["predictions"][0]
+                  for k, row in enumerate(held_rows.itertuples())}
         before = c.app.state.batcher.stats.batches
         results: dict[str, dict] = {}
 
         def post(k: int) -> None:
-            answer = c.post("/predict", files=pair_upload(data, test_rows[k:k + 1])).json()["predictions"][0]
+            answer = c.post("/predict", files=pair_upload(data, held_rows[k:k + 1])).json()["predictions"][0]
             results[answer["filename"]] = answer
 
-        threads = [threading.Thread(target=post, args=(k,)) for k in range(len(test_rows))]
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(len(held_rows))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
         stats = c.app.state.batcher.stats
         assert sorted(results) == sorted(single)
-        assert stats.batches - before < len(test_rows) and stats.largest_batch > 1
+        assert stats.batches - before < len(held_rows) and stats.largest_batch > 1
         for name, answer in single.items():   # each ROI got its own context inside the shared batch
             assert results[name]["decision"] == answer["decision"]
             assert results[name]["confidence"] == pytest.approx(answer["confidence"], abs=1e-5)

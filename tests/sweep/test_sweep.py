@@ -17,29 +17,14 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from taxonomist.config import load_config
-from taxonomist.data.split import split_dataset
-from taxonomist.data.synth import synthesize
 from taxonomist.errors import ConfigError
 from taxonomist.sweep.run import run_sweep
 from taxonomist.sweep.space import parse_space
 from taxonomist.train import train
 
+from .conftest import BASE, base_config
+
 VENV_BIN = Path(sys.executable).parent
-BASE = ["data.image_size=32", "data.num_workers=0", "model.backbone=test_efficientnet", "model.pretrained=none",
-        "train.batch_size=8", "train.epochs=2", "train.device=cpu", "train.tensorboard=false", "augment.randaugment=",
-        "augment.scale=0.8,1.0", "augment.rotation=0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "synth"
-    synthesize(root, n_taxa=6, per_class=12, image_size=32, seed=3)
-    split_dataset(root, val=0.25, test=0.0, seed=0)
-    return root
-
-
-def base_config(data: Path, *extra: str):
-    return load_config(None, [f"data.root={data}", *BASE, *extra])
 
 
 def read_trials(out: Path) -> list[dict]:

@@ -8,29 +8,17 @@ from pathlib import Path
 import optuna
 import pytest
 
-from taxonomist.config import load_config
-from taxonomist.data.split import split_dataset
-from taxonomist.data.synth import synthesize
 from taxonomist.errors import ConfigError
 from taxonomist.sweep.run import run_sweep
 from taxonomist.sweep.space import parse_space
 
-BASE = ["data.image_size=32", "data.num_workers=0", "model.backbone=test_efficientnet", "model.pretrained=none",
-        "train.batch_size=8", "train.device=cpu", "train.tensorboard=false", "augment.randaugment=",
-        "augment.scale=0.8,1.0", "augment.rotation=0"]
+from .conftest import base_config
+
 LR = parse_space({"train.lr": {"loguniform": [1e-4, 3e-1]}})
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "synth"
-    synthesize(root, n_taxa=6, per_class=10, image_size=32, seed=5)
-    split_dataset(root, val=0.25, test=0.0, seed=0)
-    return root
-
-
 def config(data: Path, epochs: int):
-    return load_config(None, [f"data.root={data}", *BASE, f"train.epochs={epochs}"])
+    return base_config(data, f"train.epochs={epochs}")
 
 
 def states(out: Path) -> list[str]:
