@@ -280,7 +280,7 @@ class Predictor:
             if scores is not None:
                 # unrounded, as predict writes it: ODIN's scores differ in the 7th decimal
                 answer["ood"] = {"score": float(scores[i]), "unknown": bool(unknown[i]),
-                                 "method": self.options.ood}
+                                 "method": self.options.ood, "threshold": float(self.ood_threshold)}
             out.append(answer)
         return out
 

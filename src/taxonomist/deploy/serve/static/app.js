@@ -92,8 +92,11 @@
     });
     if (a.ood) {
       node.querySelector(".unknown").hidden = !a.ood.unknown;
-      node.querySelector(".ood").textContent = "Out-of-distribution score (" + a.ood.method + "): " +
-        a.ood.score.toFixed(3) + (a.ood.unknown ? " — above the threshold: possibly a taxon the model does not know" : "");
+      // scores live on very different scales (ODIN near −1/L, Mahalanobis in the millions): 4 significant digits
+      node.querySelector(".ood").textContent = "Unknown-taxon check (" + a.ood.method + "): score " +
+        Number(a.ood.score.toPrecision(4)) + ", threshold " + Number(a.ood.threshold.toPrecision(4)) +
+        (a.ood.unknown ? " — at or above it: possibly a taxon the model does not know" :
+         " — below it: like the taxa the model was trained on");
     }
   }
 
