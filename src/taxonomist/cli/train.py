@@ -56,7 +56,7 @@ def run(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if cfg.decide.model_ood and not args.no_calibrate:
-        from taxonomist.inference.calibrate import check_model_ood
+        from taxonomist.inference.ood_model import check_model_ood
         check_model_ood(cfg.decide.model_ood, None)  # a typo must fail now, not after the training
     progress = sys.stderr.isatty()
     if args.kfold:

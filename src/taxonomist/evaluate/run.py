@@ -147,13 +147,14 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         ensemble: further checkpoints with the same labels: `ood.ensemble` scores each example by the members'
             disagreement (`decide.ensemble_disagreement`, mutual information, each member at its temperature).
     """
+    from taxonomist.inference.ood_model import check_model_ood
     from taxonomist.inference.run_model import rows_loader
     from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
     from taxonomist.train.inference import run_inference
     from taxonomist.train.loop import configure_threads, select_device
 
     ckpt = resolve_checkpoint(run_or_checkpoint)
-    _check_model_ood(model_ood)  # before minutes of inference, not after
+    check_model_ood(model_ood)  # before minutes of inference, not after
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     cfg_file = run_dir / "config.yaml" if run_dir else None
     run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
@@ -232,17 +233,6 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         write_taxonomy(taxonomy, out_dir / "taxonomy.csv")
     atomic_write_json(out_dir / "metrics.json", m)
     return Evaluation(m, frame, out_dir, used_split, res)
-
-
-def _check_model_ood(methods: Sequence[str]) -> None:
-    from taxonomist.inference.ood_model import MODEL_OOD_METHODS
-    from taxonomist.taxonomy import suggest
-    if isinstance(methods, str):
-        raise ConfigError(f"model_ood must be a list of methods, got the string {methods!r}")
-    for method in methods:
-        if method not in MODEL_OOD_METHODS:
-            raise ConfigError(f"unknown model OOD method {method!r}{suggest(str(method), MODEL_OOD_METHODS)}; "
-                              f"choose from {', '.join(MODEL_OOD_METHODS)}")
 
 
 def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,

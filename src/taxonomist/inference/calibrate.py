@@ -105,24 +105,6 @@ def _methods(ood_methods: Sequence[str] | None) -> list[str]:
     return methods
 
 
-def check_model_ood(model_ood: Sequence[str], options: Mapping[str, dict] | None = None) -> dict[str, dict]:
-    """`model_ood` checked against `ood_model.MODEL_OOD_METHODS`, with each method's options."""
-    from taxonomist.inference.ood_model import MODEL_OOD_METHODS
-
-    if isinstance(model_ood, str):
-        raise ConfigError(f"model_ood must be a list of methods, got the string {model_ood!r}")
-    options = dict(options or {})
-    out = {}
-    for m in dict.fromkeys(model_ood or ()):
-        if m not in MODEL_OOD_METHODS:
-            raise ConfigError(f"unknown model OOD method {m!r}{suggest(str(m), MODEL_OOD_METHODS)}; "
-                              f"choose from {', '.join(MODEL_OOD_METHODS)}")
-        out[m] = dict(options.pop(m, None) or {})
-    if options:
-        raise ConfigError(f"options for {', '.join(sorted(options))} but that method is not in model_ood")
-    return out
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -169,6 +151,8 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     from taxonomist.inference.run_model import infer_rows
 
     start = time.time()
+    from taxonomist.inference.ood_model import check_model_ood
+
     methods = _methods(ood_methods)
     extra_methods = check_model_ood(model_ood, model_ood_options)
     ckpt = resolve_checkpoint(checkpoint_or_run)
@@ -294,14 +278,17 @@ def _save_ood(path: Path, tensors: dict[str, np.ndarray], methods: list[str], ch
                                                "methods": ",".join(methods), "checkpoint": checkpoint_name})
 
 
-def _read_ood(checkpoint: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
+def _ood_info(checkpoint: str | Path) -> tuple[Path, dict]:
+    """(OOD file, the metadata's `ood` block) of a checkpoint or exported model, without reading the file's
+    tensors (the kNN bank can be 100 MB); (the model path, {}) when it has none. A named file that is missing
+    is an error."""
     from taxonomist.inference.model_file import is_onnx, read_model_metadata, resolve_model
 
     ckpt = resolve_model(checkpoint)  # a checkpoint, or an exported .onnx with its statistics beside it
     meta = read_model_metadata(ckpt)
     info = meta.get("ood")
     if not info:
-        return ckpt, {}, {}
+        return ckpt, {}
     # an exported file's statistics follow its name (DESIGN.md: FILE.ood.safetensors), so renaming both works
     path = ood_path(ckpt) if is_onnx(ckpt) else ckpt.parent / info.get("file", ood_path(ckpt).name)
     if not path.is_file():
@@ -309,6 +296,13 @@ def _read_ood(checkpoint: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]
                else "recalibrate with taxonomist.inference.calibrate_run")
         raise ModelError(f"{path}: OOD statistics named in {ckpt.name if is_onnx(ckpt) else metadata_path(ckpt).name} "
                          f"are missing ({fix})")
+    return path, info
+
+
+def _read_ood(checkpoint: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
+    path, info = _ood_info(checkpoint)
+    if not info:
+        return path, {}, {}
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
@@ -340,8 +334,8 @@ def stored_ood_methods(info: dict) -> list[str]:
 
 def model_ood_options(checkpoint: str | Path, method: str) -> dict | None:
     """The options a model OOD score (`odin`, `mc-dropout`) was calibrated with, or None when it was not."""
-    _, info, _ = _read_ood(checkpoint)
-    options = (info or {}).get("model_methods", {}).get(method)
+    _, info = _ood_info(checkpoint)
+    options = info.get("model_methods", {}).get(method)
     return None if options is None else dict(options)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,25 @@ ODIN_EPSILON = 0.0014
 MC_PASSES = 10
 #: The scores `evaluate_run(model_ood=…)` computes from the model; each needs the model, not only its outputs.
 MODEL_OOD_METHODS = ("odin", "mc-dropout")
+
+
+def check_model_ood(model_ood: Sequence[str], options: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """`model_ood` (a list of `MODEL_OOD_METHODS` names) checked, with each method's options: a dict per
+    method; options for a method not in the list are an error."""
+    from taxonomist.taxonomy import suggest
+
+    if isinstance(model_ood, str):
+        raise ConfigError(f"model_ood must be a list of methods, got the string {model_ood!r}")
+    options = dict(options or {})
+    out = {}
+    for m in dict.fromkeys(model_ood or ()):
+        if m not in MODEL_OOD_METHODS:
+            raise ConfigError(f"unknown model OOD method {m!r}{suggest(str(m), MODEL_OOD_METHODS)}; "
+                              f"choose from {', '.join(MODEL_OOD_METHODS)}")
+        out[m] = dict(options.pop(m, None) or {})
+    if options:
+        raise ConfigError(f"options for {', '.join(sorted(options))} but that method is not in model_ood")
+    return out
 
 
 @dataclass
@@ -199,13 +218,43 @@ def mc_dropout_scores(model, loader, device, passes: int = MC_PASSES, temperatur
     return ModelOODResult(scores, indices, targets, {"passes": passes, "score": score, "seed": seed})
 
 
+def model_ood_batch(method: str, model, image, context=None, temperature: float = 1.0,
+                    std: Sequence[float] = (1.0, 1.0, 1.0), options: dict | None = None) -> np.ndarray:
+    """Scores (B,) of one batch already on the model's device: `model_ood_scores` for a single batch, with
+    the same options and defaults (`odin_batch`; `mc_dropout_batch_scores`, whose masks are seeded for this
+    batch alone)."""
+    options = dict(options or {})
+    try:
+        if method == "odin":
+            return odin_batch(model, image, context, std=std, **options).numpy()
+        if method == "mc-dropout":
+            return mc_dropout_batch_scores(model, image, context, temperature=temperature, **options)
+    except TypeError as e:
+        raise ConfigError(f"bad options for the {method} OOD score: {e}") from None
+    check_model_ood([method])  # raises: an unknown method, named with the known ones
+    raise AssertionError(method)
+
+
+def mc_dropout_batch_scores(model, image, context=None, passes: int = MC_PASSES, temperature: float = 1.0,
+                            seed: int = 0, score: str = "predictive_entropy") -> np.ndarray:
+    """`mc_dropout_scores` of one batch: the generator seeded with `seed` for this batch alone, so the same
+    batch gets the same scores, but an image's score depends on the images batched with it."""
+    import torch
+
+    from taxonomist.decide import stack_score
+
+    devices = [image.device] if image.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        probs = mc_dropout_batch(model, image, context, passes, temperature)
+    return stack_score(probs.numpy(), score)
+
+
 def model_ood_scores(method: str, model, loader, device, temperature: float = 1.0,
                      std: Sequence[float] = (1.0, 1.0, 1.0), options: dict | None = None,
                      progress: bool = False) -> ModelOODResult:
     """Dispatch on a `MODEL_OOD_METHODS` name; `temperature` is the checkpoint's (used by MC-dropout; ODIN has
     its own, `options["temperature"]`)."""
-    from taxonomist.taxonomy import suggest
-
     options = dict(options or {})
     try:
         if method == "odin":
@@ -214,8 +263,8 @@ def model_ood_scores(method: str, model, loader, device, temperature: float = 1.
             return mc_dropout_scores(model, loader, device, temperature=temperature, progress=progress, **options)
     except TypeError as e:
         raise ConfigError(f"bad options for the {method} OOD score: {e}") from None
-    raise ConfigError(f"unknown model OOD method {method!r}{suggest(str(method), MODEL_OOD_METHODS)}; "
-                      f"choose from {', '.join(MODEL_OOD_METHODS)}")
+    check_model_ood([method])  # raises: an unknown method, named with the known ones
+    raise AssertionError(method)
 
 
 def model_ood_rows(method: str, model, meta: dict, dataset, rows, device, label_index: dict[str, int],

@@ -222,26 +222,12 @@ class Predictor:
         return self.answers(logits, features, scores)
 
     def _model_ood_scores(self, images, contexts) -> np.ndarray:
-        """ODIN or MC-dropout scores of one batch, with the calibrated options (`inference.ood_model`).
+        """ODIN or MC-dropout scores of one batch, with the calibrated options (`ood_model.model_ood_batch`;
+        MC-dropout's masks are seeded per batch)."""
+        from taxonomist.inference.ood_model import model_ood_batch
 
-        MC-dropout draws its masks from a generator seeded with the calibrated seed for every batch: the
-        same batch gets the same scores, but one image's score depends on the images batched with it."""
-        import torch
-
-        from taxonomist.decide import stack_score
-        from taxonomist.inference.ood_model import (MC_PASSES, ODIN_EPSILON, ODIN_TEMPERATURE, mc_dropout_batch,
-                                                    odin_batch)
-
-        opts = dict(self.ood_options or {})
-        if self.options.ood == "odin":
-            return odin_batch(self.model, images, contexts, float(opts.get("temperature", ODIN_TEMPERATURE)),
-                              float(opts.get("epsilon", ODIN_EPSILON)), self.meta["preprocessing"]["std"]).numpy()
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(opts.get("seed", 0)))
-            probs = mc_dropout_batch(self.model, images, contexts, int(opts.get("passes", MC_PASSES)),
-                                     self.temperature)
-        return stack_score(probs.numpy(), opts.get("score", "predictive_entropy"))
+        return model_ood_batch(self.options.ood, self.model, images, contexts, self.temperature,
+                               self.meta["preprocessing"]["std"], self.ood_options)
 
     def answers(self, logits: np.ndarray, features: np.ndarray, ood_scores: np.ndarray | None = None) -> list[dict]:
         """Raw logits and features of a batch → answers: decision, P(answer), lineage with P per level,
