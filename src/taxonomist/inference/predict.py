@@ -357,8 +357,8 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             `ood_threshold`). An example is unknown when its score ≥ the threshold: `ood_threshold` (one
             checkpoint, or `ensemble`), else the threshold keeping `ood_tpr` (default 0.95) of the known
             validation examples. With an ensemble and another method, `ood_score` is the members' mean of
-            (score − own threshold) and unknown means ≥ 0. With min-risk, backoff or selective an unknown's answer falls
-            back to the deepest ancestor at or above `ood_fallback_level` (`auto`: order for ranked trees,
+            (score − own threshold) and unknown means ≥ 0. With min-risk, backoff or selective an unknown's
+            answer falls back to the deepest ancestor at or above `ood_fallback_level` (`auto`: order for ranked trees,
             depth 1 otherwise) that is a candidate (`decide.ood_fallback`); argmax answers are only flagged.
         tta: None, True (`DEFAULT_TTA`), a spec (`parse_tta`) or a list of `View`s; `tta_mode` merges views.
         fmt: `csv` — `path,prediction,confidence`, one column per rank (or depth), `expected_distance`,
@@ -640,8 +640,7 @@ def _run_members(members: list[_Loaded], images_in: ImageInput, dev, tta_views, 
     common = np.sort(common)
     aligned = []
     for m in results:
-        where = {int(p): i for i, p in enumerate(m.positions)}
-        take = np.array([where[int(p)] for p in common], dtype=np.int64)
+        take = _take(m.positions, common)
         aligned.append((m.probs[take], m.features[take], m.logits[take]))
     for p in np.setdiff1d(np.arange(len(images_in.rows)), common):
         skipped_by_row.setdefault(int(p), "not predicted by every member")
@@ -750,12 +749,17 @@ def _model_ood_scores(member: _Loaded, how: MemberOOD, rules: _Rules, chunk: Ima
     result = model_ood_rows(rules.ood, member.model, member.meta, dataset, rows, dev,
                             {lab: i for i, lab in enumerate(labels)}, how.options, batch_size=rules.batch_size,
                             num_workers=rules.num_workers, strict=rules.strict, path_column=path_column)
-    where = {int(p): i for i, p in enumerate(result.indices)}
-    missing = [int(p) for p in common if int(p) not in where]
-    if missing:
-        raise DataError(f"{chunk.root / chunk.rows['path'].iloc[missing[0]]}: readable for the prediction but "
-                        f"not for the {rules.ood} score")
-    return result.scores[np.array([where[int(p)] for p in common], dtype=np.int64)]
+    try:
+        return result.scores[_take(result.indices, common)]
+    except KeyError as e:
+        raise DataError(f"{chunk.root / chunk.rows['path'].iloc[e.args[0]]}: readable for the prediction but "
+                        f"not for the {rules.ood} score") from None
+
+
+def _take(positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where each of the row positions `wanted` sits in `positions` (a KeyError names one that is absent)."""
+    where = {int(p): i for i, p in enumerate(positions)}
+    return np.array([where[int(p)] for p in wanted], dtype=np.int64)
 
 
 def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarray, confidence: np.ndarray,
