@@ -67,8 +67,7 @@ def run_demo(out_dir: str | Path = "runs/demo", device: str = "auto", overrides:
 
     from taxonomist.data.split import split_dataset
     from taxonomist.data.synth import synthesize
-    from taxonomist.evaluate.run import evaluate_run
-    from taxonomist.train import train
+    from taxonomist.pipeline import finish_run, fit
 
     start = time.time()
     out_dir = Path(out_dir)
@@ -85,12 +84,9 @@ def run_demo(out_dir: str | Path = "runs/demo", device: str = "auto", overrides:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     log(f"3/4 fine-tuning {cfg.model.backbone} ({cfg.train.epochs} epochs at {cfg.data.image_size} px)")
-    train(cfg, progress=progress, log=log)
-    from taxonomist.inference.calibrate import calibrate_run
+    fit(cfg, calibrate=False, evaluate=False, progress=progress, log=log)
     log("4/4 calibrating (temperature, OOD scores) and evaluating the best checkpoint on the test split")
-    for calibration in calibrate_run(run_dir, device=device, progress=progress):
-        log(f"    {calibration.summary()}")
-    ev = evaluate_run(run_dir, split="test", device=device, progress=progress)
-    from taxonomist.report import write_report
-    write_report([run_dir], run_dir / "report.html")
-    return DemoResult(out_dir, data_dir, run_dir, ev.metrics, time.time() - start)
+    result = finish_run(run_dir, cfg, split="test", progress=progress,
+                        log=lambda text: log("    " + text.replace("\n", "\n    ")))
+    result.raise_for_failure()
+    return DemoResult(out_dir, data_dir, run_dir, result.evaluation.metrics, time.time() - start)

@@ -9,6 +9,9 @@ from __future__ import annotations
 class TaxonomistError(Exception):
     """Base class: a problem with the user's input or environment, reported without a traceback."""
 
+    #: the command line's exit status for this error
+    exit_code = 2
+
 
 class TaxonomyError(TaxonomistError):
     """A taxonomy table is malformed (duplicate names, a node with two parents, a cycle, …)."""
@@ -40,3 +43,16 @@ class ModelError(TaxonomistError):
 
 class DownloadError(TaxonomistError):
     """Files could not be fetched."""
+
+
+class PostTrainingError(TaxonomistError):
+    """Training finished and its model is saved, but a step after it (calibrate, evaluate, report) failed.
+
+    Exit status 3, distinct from a failed training (2) and from a bug (1). `redo` is the command that redoes the
+    step; the traceback is in `log` (RUN/errors.log)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: str, redo: str, log=None):
+        super().__init__(message)
+        self.step, self.redo, self.log = step, redo, log

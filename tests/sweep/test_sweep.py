@@ -71,7 +71,35 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(grid_sweep):
     assert result.counts() == {"complete": 2, "fail": 2}
 
 
-def test_best_yaml_is_the_best_trial_and_retrains_to_its_validation_mhd(grid_sweep):
+def test_a_trial_whose_evaluation_failed_is_ranked_by_its_training_metric(tiny_data, tmp_path, monkeypatch,
+                                                                          offline_page):
+    """A trial's step after training is its evaluation on the validation rows: when it fails, the trained model
+    still counts, ranked by the validation metric training logged for its best epoch, and the note says why."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated evaluation failure")
+    monkeypatch.setattr("taxonomist.evaluate.run.evaluate_run", broken)
+    out = tmp_path / "failing-eval"
+    space = parse_space({"train.lr": {"choice": [1e-3, 2e-2]}})
+    result = run_sweep(base_config(tiny_data), space, 2, out, sampler="grid", pruner="none", seed=0,
+                       progress=False, log=quiet)
+    rows = read_trials(out)
+    assert [r["state"] for r in rows] == ["complete", "complete"] and result.counts() == {"complete": 2}
+    for r in rows:
+        run = Path(r["run_dir"])
+        with open(run / "metrics.csv", newline="") as f:
+            logged = min(float(x["val_mhd"]) for x in csv.DictReader(f))  # monitor val_mhd: the best epoch's
+        assert float(r["mhd"]) == pytest.approx(logged, abs=1e-6)
+        assert r["note"].startswith("evaluate failed (RuntimeError: simulated evaluation failure); ranked by the "
+                                    "best epoch's val_mhd from training; traceback in ")
+        assert "simulated evaluation failure" in (run / "errors.log").read_text()
+        assert not (run / "metrics.json").exists() and (run / "checkpoints" / "best.safetensors").is_file()
+    best = min(rows, key=lambda r: float(r["mhd"]))
+    assert result.best["trial"] == int(best["trial"]) and (out / "best.yaml").is_file()
+    html = offline_page((out / "report.html").read_text())
+    assert "The best trial has no metrics.json: evaluate failed" in html
+
+
+def test_best_yaml_is_the_best_trial_and_retrains_to_its_validation_mhd(grid_sweep, offline_page):
     out, result = grid_sweep
     done = [r for r in read_trials(out) if r["state"] == "complete"]
     assert float(done[0]["mhd"]) != float(done[1]["mhd"]), "the trials must differ for this test to mean anything"
@@ -90,7 +118,7 @@ def test_best_yaml_is_the_best_trial_and_retrains_to_its_validation_mhd(grid_swe
     assert retrained.best_metric == pytest.approx(float(best["mhd"]), abs=1e-5)
 
     html = (out / "report.html").read_text()
-    assert "http" not in html.lower()
+    offline_page(html)
     assert html.count("data:image/png;base64,") >= 2  # history and curves (importances need varied values)
     assert re.search(rf'<td>{best["trial"]}</td><td>complete</td><td class="best">', html)
     assert ">species<" in html  # the best run's per-rank table

@@ -79,12 +79,21 @@ def run(args) -> int:
                       decision=args.decision, candidates=args.candidates,
                       thresholds=parse_thresholds(args.thresholds), model_ood=args.model_ood,
                       ensemble=args.ensemble)
+    from taxonomist.pipeline import record_step_done, run_step
+    record_step_done(ev.out_dir, "evaluate")  # a run whose evaluation had failed is whole again
     print(ev.summary())
     print(f"metrics      {ev.out_dir / 'metrics.json'}")
     print(f"predictions  {ev.out_dir / 'predictions.csv'}")
     if not args.no_report:
+        from taxonomist.errors import PostTrainingError
         from taxonomist.report import write_report
-        report = write_report([ev.out_dir], ev.out_dir / "report.html", critical=args.critical)
+        report, failure = run_step(ev.out_dir, "report",
+                                   lambda: write_report([ev.out_dir], ev.out_dir / "report.html",
+                                                        critical=args.critical))
+        if failure is not None:  # the evaluation is on disk: say so, and how to write the report alone
+            raise PostTrainingError(f"the evaluation is written ({ev.out_dir / 'metrics.json'}), but the report "
+                                    f"failed: {failure.error} — traceback in {failure.log}; redo it with: "
+                                    f"{failure.redo}", step="report", redo=failure.redo, log=failure.log)
         print(f"report       {report}")
     return 0
 

@@ -1,14 +1,15 @@
 """Entry point of the `taxonomist` command: builds the parser from the command modules and runs one.
 
-User mistakes (`TaxonomistError`) become one `error: …` line and exit status 2; `--debug` shows the
-traceback. Command modules import torch lazily so that `--help` stays fast.
+Every failure is one `error: …` line; `--debug` shows the traceback instead. The exit statuses are listed in
+`EXIT_STATUSES` (shown by `taxonomist --help`). Command modules import torch lazily so that `--help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import warnings
 import sys
+import warnings
+from pathlib import Path
 
 from taxonomist import __version__
 from taxonomist.errors import SubmissionError, TaxonomistError
@@ -16,6 +17,16 @@ from taxonomist.errors import SubmissionError, TaxonomistError
 #: command modules, in the order `--help` lists them; each has `register(subparsers)`
 COMMAND_MODULES = ("demo", "taxonomy", "score", "data", "train", "evaluate", "baseline", "predict", "report",
                    "benchmark", "export", "serve", "sweep")
+
+
+EXIT_STATUSES = """exit status:
+  0    success
+  1    unexpected error (a bug; its traceback is saved and the error line says where), or work done in part
+       (data download, taxonomy resolve: each miss listed)
+  2    a mistake in the input or the environment (the error line names the file, row or option)
+  3    training finished and its model is saved, but a step after it (calibrate, evaluate, report) failed:
+       RUN/errors.log holds the traceback, and the error line names the command that redoes the step
+  130  interrupted"""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -27,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taxonomist",
         description="Hierarchical image classification of organisms, scored by taxonomic distance.",
         formatter_class=HelpFormatter,
-        epilog="Run `taxonomist COMMAND --help` for the options of a command.",
+        epilog="Run `taxonomist COMMAND --help` for the options of a command.\n\n" + EXIT_STATUSES,
     )
     parser.add_argument("--version", action="version", version=f"taxonomist {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -67,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except BrokenPipeError:  # `taxonomist … | head`: the reader left, nothing is wrong
         return 0
     except OSError as e:
@@ -80,6 +91,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line for the user, the traceback kept for the report
+        if debug:
+            raise
+        saved = save_traceback(e, argv)
+        where = f"its traceback is in {saved}" if saved else "the traceback could not be saved"
+        print(f"error: unexpected {_one_line(f'{type(e).__name__}: {e}', 300)} — a bug in taxonomist; {where} "
+              f"(rerun with --debug to see it)", file=sys.stderr)
+        return 1
+
+
+def save_traceback(error: BaseException, argv: list[str]) -> Path | None:
+    """Write `error`'s traceback to $XDG_CACHE_HOME/taxonomist/errors/ (~/.cache/… by default), or the
+    temporary folder when that cannot be written; None when neither can."""
+    import datetime
+    import os
+    import tempfile
+    import traceback
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    command = next((a for a in argv if not a.startswith("-")), "taxonomist")
+    name = f"{stamp}-{''.join(c for c in command if c.isalnum()) or 'taxonomist'}-{os.getpid()}.log"
+    text = (f"taxonomist {__version__}, command line: taxonomist {' '.join(argv)}\n"
+            + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for folder in (cache / "taxonomist" / "errors", Path(tempfile.gettempdir()) / "taxonomist-errors"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    return None
 
 
 def _one_line(message: str, limit: int = 600) -> str:

@@ -29,11 +29,15 @@ def register(sub, formatter):
 
 def run(args) -> int:
     import time
+    from pathlib import Path
 
     from taxonomist.report import write_report
 
     start = time.time()
     out = write_report(args.runs, args.out, critical=args.critical, title=args.title)
+    if len(args.runs) == 1 and Path(out).resolve() == (Path(args.runs[0]) / "report.html").resolve():
+        from taxonomist.pipeline import record_step_done
+        record_step_done(args.runs[0], "report")  # a run whose report had failed is whole again
     print(f"report of {len(args.runs)} run{'s' if len(args.runs) > 1 else ''} written in {time.time() - start:.1f} s")
     print(out)
     return 0

@@ -16,6 +16,11 @@ Keys (defaults shown by `taxonomist train --print-config`): data.root, data.imag
 loss.distance_weight, train.epochs, train.batch_size, train.lr, train.device, train.seed, out, …
 The run directory gets config.yaml, taxonomy.csv, checkpoints/, metrics.csv, then (after training)
 metrics.json, predictions.csv and report.html from an evaluation of the best checkpoint.
+
+If a step after training (calibrate, evaluate, report) fails, the model stays saved: the command prints one
+line naming the step and the command that redoes it, writes the traceback to RUN/errors.log and the state to
+RUN/run.json, and exits with status 3 (a failed training exits with 2). `--resume` on a run whose training
+finished runs only the steps after it.
 """
 
 
@@ -58,37 +63,8 @@ def run(args) -> int:
     if cfg.decide.model_ood and not args.no_calibrate:
         from taxonomist.inference.ood_model import check_model_ood
         check_model_ood(cfg.decide.model_ood, None)  # a typo must fail now, not after the training
-    progress = sys.stderr.isatty()
-    if args.kfold:
-        from taxonomist.train.kfold import train_kfold
-        result = train_kfold(cfg, progress=progress, resume=args.resume, log=_log)
-        print(result.summary())
-        if not args.no_calibrate:
-            from taxonomist.inference.calibrate import calibrate_run
-            for fold in result.folds:
-                for calibration in calibrate_run(fold.run_dir, device=cfg.train.device,
-                                                 batch_size=cfg.train.batch_size,
-                                                 num_workers=cfg.data.num_workers, progress=progress,
-                                                 model_ood=cfg.decide.model_ood):
-                    print(calibration.summary())
-        return 0
-    from taxonomist.train import train
-    result = train(cfg, progress=progress, resume=args.resume, log=_log)
-    import os
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    print(f"best {result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run directory: {result.run_dir}")
-    if not args.no_calibrate:
-        from taxonomist.inference.calibrate import calibrate_run
-        for calibration in calibrate_run(result.run_dir, device=cfg.train.device, batch_size=cfg.train.batch_size,
-                                         num_workers=cfg.data.num_workers, progress=progress,
-                                         model_ood=cfg.decide.model_ood):
-            print(calibration.summary())
-    if not args.no_eval:
-        from taxonomist.evaluate.run import evaluate_run
-        ev = evaluate_run(result.run_dir, device=cfg.train.device, batch_size=cfg.train.batch_size,
-                          num_workers=cfg.data.num_workers, progress=progress)
-        print(ev.summary())
-        from taxonomist.report import write_report
-        print(f"report: {write_report([ev.out_dir], ev.out_dir / 'report.html')}")
+    from taxonomist.pipeline import fit
+    result = fit(cfg, resume=args.resume, kfold=args.kfold, calibrate=not args.no_calibrate,
+                 evaluate=not args.no_eval, progress=sys.stderr.isatty(), log=_log)
+    result.raise_for_failure()  # exit status 3: the model is saved, a step after training failed
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from taxonomist.errors import UnknownLabelError
-from taxonomist.report.figures import embed
+from taxonomist.report.figures import data_uri
 from taxonomist.report.runs import RunResults
 from taxonomist.taxonomy import Taxonomy, suggest
 
@@ -44,12 +44,9 @@ def thumbnail(path: Path, size: int = THUMB_SIZE) -> str | None:
             im.thumbnail((size, size))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
-
-    def encode(salt: int) -> bytes:
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=JPEG_QUALITY, comment=b"t" + b" " * salt)
-        return buf.getvalue()
-    return embed(encode, "image/jpeg")
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return data_uri(buf.getvalue(), "image/jpeg")
 
 
 def _lineage(taxonomy: Taxonomy | None, name: str) -> list[str]:

@@ -156,10 +156,16 @@ def _data_section(run: RunResults) -> dict:
             summary = json.loads((run.explore_dir / "summary.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):
             summary = {}
-        for key, file in (summary.get("plots") or {}).items():
-            path = run.explore_dir / file
-            if path.is_file():
-                out["explore"].append({"title": key.replace("_", " "), "uri": F.png_file_uri(path)})
+        plots = summary.get("plots") if isinstance(summary, dict) else None
+        for key, file in (plots if isinstance(plots, dict) else {}).items():
+            # summary.json is data from disk: a plot is a PNG file inside the exploration folder, nothing else
+            if not isinstance(file, str) or Path(file).name != file:
+                continue
+            try:
+                out["explore"].append({"title": str(key).replace("_", " "),
+                                       "uri": F.png_file_uri(run.explore_dir / file)})
+            except (OSError, ValueError):
+                continue
         out["source"] = str(run.explore_dir)
     if run.data_root is not None and (run.data_root / "annotations.csv").is_file():
         from taxonomist.data.dataset import read_annotations

@@ -226,6 +226,8 @@ def render_sweep_report(study, result) -> str:
                          "top5": _num(v.get("top5")), "macro_f1": _num(v.get("macro_f1")),
                          "avg_confidence": _num(v.get("avg_confidence"))} for level, v in m.get("per_rank", {}).items()]
             best_metrics = {k: _num(m.get(k), 4) for k in ("mhd", "top1", "log_loss")} | {"n": _num(m.get("n"))}
+        elif best.get("note"):  # its evaluation after training failed: ranked by the training metric
+            per_rank_note = f"The best trial has no metrics.json: {best['note']}"
         else:
             per_rank_note = f"{metrics_file} is not on this machine (the trial ran elsewhere)."
     importances, importance_note = parameter_importances(study)

@@ -190,6 +190,16 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def training_value(trained, metric: str) -> float:
+    """`metric` as training logged it for the best checkpoint's epoch (metrics.csv): the value of a trial whose
+    evaluation after training failed. For log_loss that is the validation loss of the training criterion."""
+    column = METRICS[metric][0]
+    row = next((r for r in trained.history if int(r["epoch"]) == trained.best_epoch), None)
+    if row is None:
+        raise FloatingPointError(f"no epoch of the training holds {column}")
+    return float(row[column])
+
+
 def make_objective(base: Config, params: list[Parameter], out_dir: Path, metric: str, log: Callable[[str], None]):
     """The function Optuna calls for a trial: one `train` run, then an evaluation of its best checkpoint on the
     validation rows; the value is `metric` from that evaluation."""
@@ -197,7 +207,7 @@ def make_objective(base: Config, params: list[Parameter], out_dir: Path, metric:
     step_column = METRICS[metric][0]
 
     def objective(trial) -> float:
-        from taxonomist.evaluate.run import evaluate_run
+        from taxonomist.pipeline import finish_run
         from taxonomist.train import train
 
         values = suggest_values(trial, params)
@@ -220,10 +230,17 @@ def make_objective(base: Config, params: list[Parameter], out_dir: Path, metric:
                 if message.startswith("warning"):
                     log(f"trial {trial.number}: {message}")
 
-            train(cfg, progress=False, log=train_log, on_epoch=on_epoch)
-            ev = evaluate_run(run_dir, split="val", device=cfg.train.device, batch_size=cfg.train.batch_size,
-                              num_workers=cfg.data.num_workers, progress=False)
-            value = float(ev.metrics[metric])
+            trained = train(cfg, progress=False, log=train_log, on_epoch=on_epoch)
+            done = finish_run(run_dir, cfg, ("evaluate",), split="val", log=lambda _: None)
+            if done.failure is None:
+                value = float(done.evaluation.metrics[metric])
+            else:  # the model is trained: rank it by what training measured on the same validation rows
+                value = training_value(trained, metric)
+                note = (f"{done.failure.step} failed ({done.failure.error}); ranked by the best epoch's "
+                        f"{METRICS[metric][0]} from training; traceback in {done.failure.log}")
+                trial.set_user_attr("failed_step", done.failure.step)
+                trial.set_user_attr("error_note", note)
+                log(f"trial {trial.number}: {note}")
             if not math.isfinite(value):
                 raise FloatingPointError(f"validation {metric} is {value}")
             return value
@@ -250,7 +267,7 @@ def trial_rows(study, metric: str) -> list[dict]:
             "trial": t.number, "state": state, "value": t.value if t.state.name == "COMPLETE" else None,
             "epochs": len(t.intermediate_values), "planned_epochs": t.user_attrs.get("planned_epochs"),
             "seconds": seconds, "params": dict(t.params), "run_dir": t.user_attrs.get("run_dir", ""),
-            "note": t.user_attrs.get("error", ""),
+            "note": t.user_attrs.get("error", t.user_attrs.get("error_note", "")),
             "intermediate": dict(sorted(t.intermediate_values.items())),
         })
     return rows

@@ -26,6 +26,7 @@ from taxonomist.taxonomy import default_metric, distance_matrix, write_taxonomy
 from taxonomist.train.checkpoint import (check_resume_config, load_resume_state, save_checkpoint,
                                          save_resume_state, taxonomy_to_json)
 from taxonomist.utils.files import atomic_write_text
+from taxonomist.utils.run_status import update_status
 
 METRICS_CSV_COLUMNS = ["epoch", "train_loss", "train_top1", "train_macro_f1", "val_loss", "val_top1", "val_mhd",
                        "val_macro_f1", "lr", "img_s", "seconds"]
@@ -348,6 +349,9 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     if is_main:  # written once every part of the config has been checked: a rejected config leaves no run behind
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        # a (re)started training makes the steps after it due again
+        update_status(run_dir, status="training", epochs=cfg.train.epochs, steps=None, failed_step=None,
+                      error=None, redo=None)
         write_taxonomy(taxonomy, run_dir / "taxonomy.csv")
 
     # ---- state
@@ -489,6 +493,9 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     skipped = list(getattr(train_ds, "skipped", [])) + list(getattr(val_ds, "skipped", []))
     if skipped and is_main:
         log(f"warning: {len(skipped)} unreadable image(s) were skipped, e.g. {skipped[0]}")
+    if is_main:
+        update_status(run_dir, status="trained", epochs=cfg.train.epochs, epochs_trained=len(history),
+                      best_epoch=best_epoch, monitor=cfg.train.monitor, best_metric=sign * best)
     return TrainResult(run_dir, best_epoch, sign * best, cfg.train.monitor, history, skipped)
 
 
