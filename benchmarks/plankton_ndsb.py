@@ -354,28 +354,54 @@ def group_errors(pred: np.ndarray, y: np.ndarray, taxonomy) -> dict:
             "errors_within_group": float(within.sum() / max(wrong.sum(), 1))}
 
 
+def hierarchical_f_loss(taxonomy, beta: float = 1.0):
+    """(labels, nodes) matrix of 1 − hFβ: hierarchical precision |A(c) ∩ A(y)| / |A(c)| and recall
+    |A(c) ∩ A(y)| / |A(y)| over lineage sets without the (single or virtual) root (Kiritchenko et al. 2006; the
+    metric of Plaud et al., ICML 2025, whose optimal node decoding is then min-risk under this loss)."""
+    from taxonomist.taxonomy import distance_matrix
+
+    depths = np.asarray(taxonomy.depths, dtype=np.float64)
+    d_lca = distance_matrix(taxonomy, "lca", taxonomy.labels, taxonomy.names).astype(np.float64)
+    dy = depths[taxonomy.label_indices][:, None]
+    dc = depths[None, :]
+    common = (dy + dc - d_lca) / 2.0          # depth of the lowest common ancestor = shared nodes below the root
+    precision = np.divide(common, dc, out=np.zeros_like(common), where=dc > 0)
+    recall = np.divide(common, dy, out=np.zeros_like(common), where=dy > 0)
+    b2 = beta * beta
+    denominator = b2 * precision + recall
+    f = np.divide((1 + b2) * precision * recall, denominator, out=np.zeros_like(common), where=denominator > 0)
+    return 1.0 - f
+
+
 def decision_rows(probs: np.ndarray, y: np.ndarray, taxonomy, selective) -> list[dict]:
-    """Mean LCA distance, exactness, hierarchical error and coverage of each decision rule on calibrated probs."""
-    from taxonomist.decide import decide, hierarchical_coverage
+    """Mean LCA distance, hierarchical F1, exactness, hierarchical error and coverage of each decision rule on
+    calibrated probabilities: argmax, min-risk, selective, SpeciesNet's roll-up, iNaturalist's common
+    ancestor, and Plaud et al.'s optimal node decoding for hF1."""
+    from taxonomist.decide import decide, hierarchical_coverage, min_risk_decision
     from taxonomist.taxonomy import distance_matrix
 
     names = list(taxonomy.names)
     d_all = distance_matrix(taxonomy, "lca", taxonomy.labels, names)
+    hf_loss = hierarchical_f_loss(taxonomy)
     anc, depths, truth = taxonomy.ancestor_table(), taxonomy.depths, taxonomy.label_indices[y]
     rules = [("argmax", "labels", None), ("min-risk", "labels", None), ("min-risk", "all nodes", None)]
     rules += [("selective", "all nodes", t) for t in selective]
+    rules += [("rollup", "all nodes", None), ("common-ancestor", "all nodes", None), ("hf1-optimal", "all nodes", None)]
     d_argmax = d_all[y, taxonomy.label_indices[probs.argmax(axis=1)]]
     out = []
     for rule, cands, threshold in rules:
         t0 = time.time()
-        d = decide(probs, taxonomy, rule, candidates=names if cands == "all nodes" else None, metric="lca",
-                   thresholds=threshold)
-        nodes = d.nodes
+        if rule == "hf1-optimal":  # Plaud et al.: the node maximising expected hF1 (min-risk under 1 − hF1)
+            nodes = min_risk_decision(probs, hf_loss, dtype=np.float64)[0]
+        else:
+            nodes = decide(probs, taxonomy, rule, candidates=names if cands == "all nodes" else None, metric="lca",
+                           thresholds=threshold).nodes
         on_lineage = anc[truth, depths[nodes]] == nodes
         diff = d_all[y, nodes] - d_argmax  # paired with argmax on the same images: its standard error is small
         out.append({"rule": rule, "candidates": cands, "threshold": threshold,
                     "mhd": float(d_all[y, nodes].mean()), "mhd_vs_argmax": float(diff.mean()),
                     "mhd_vs_argmax_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
+                    "hf1": float(1.0 - hf_loss[y, nodes].mean()),
                     "exact": float((nodes == truth).mean()),
                     "hier_error": float((~on_lineage).mean()),
                     "coverage": float(hierarchical_coverage(taxonomy, nodes).mean()),
@@ -514,15 +540,23 @@ def ood_row(ctx: Context) -> dict:
     logits = {s: logits_of(v) for s, v in x.items()}
     temperature = fit_temperature(logits["val"], sp.y["val"])
     methods = {}
-    for method in ("msp", "energy", "max-logit", "mahalanobis", "knn"):
-        options = {"msp": {"temperature": temperature}, "knn": {"k": 10, "max_bank": KNN_MAX_BANK}}.get(method, {})
+    runs = [(m, m, {}) for m in ("msp", "energy", "max-logit", "mahalanobis", "relative-mahalanobis", "vim",
+                                 "react-energy")]
+    runs[0] = ("msp", "msp", {"temperature": temperature})
+    runs += [(f"mahalanobis, ridge {r:g}", "mahalanobis", {"ridge": r}) for r in (0.1, 1.0, 3.0)]
+    runs += [(f"vim, {d} dims", "vim", {"dims": d}) for d in (128,) if d < x["train"].shape[1]]
+    runs += [(f"knn k={k}", "knn", {"k": k, "max_bank": KNN_MAX_BANK})
+             for k in (1, 5, 10, 20, 50, 100, 200) if k <= len(x["train"])]
+    for name, method, options in runs:
+        t_method = time.time()
         scorer = build_ood_scorer(method, **options).fit(x["train"], logits["train"], sp.y["train"])
         known, unknown = (scorer.score(x[s], logits[s]) for s in ("test", "ood"))
         m = ood_metrics(known, unknown)
         # the threshold `predict --ood-tpr 0.95` would use: 95 % of known validation examples kept
         t = known_threshold(scorer.score(x["val"], logits["val"]), 0.95)
         m.update({k: v for k, v in threshold_metrics(known, unknown, t).items()})
-        methods[method] = m
+        m["seconds"] = time.time() - t_method
+        methods[name] = m
     known_score = score(logits["test"], sp.y["test"], sp.taxonomy, temperature)
     frame = sp.dataset.annotations
     ood_labels = sorted(set(frame.loc[frame["split"] == "ood", "label"]))
@@ -651,14 +685,14 @@ def to_markdown(results: dict) -> str:
     for n in ("probe", "finetune"):
         if n in rows and rows[n].get("decisions"):
             lines += [f"## Decisions on `{n}` (calibrated probabilities)", "",
-                      ("| rule | candidates | threshold | mean LCA | vs argmax (± s.e.) | exact | hierarchical error "
-                      "| coverage | label share |"),
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      ("| rule | candidates | threshold | mean LCA | vs argmax (± s.e.) | hF1 | exact "
+                      "| hierarchical error | coverage | label share |"),
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for d in rows[n]["decisions"]:
                 threshold = fmt(d["threshold"], 1) if d["threshold"] else "–"
                 lines.append(f"| {d['rule']} | {d['candidates']} | {threshold}"
                              f" | {fmt(d['mhd'])} | {d.get('mhd_vs_argmax', math.nan):+.3f} ± "
-                             f"{d.get('mhd_vs_argmax_se', math.nan):.3f} | "
+                             f"{d.get('mhd_vs_argmax_se', math.nan):.3f} | {fmt(d.get('hf1', math.nan))} | "
                              f"{fmt(d['exact'])} | {fmt(d['hier_error'])} | "
                              f"{fmt(d['coverage'])} | {fmt(d['label_share'])} |")
             lines.append("")

@@ -135,3 +135,127 @@ def test_optional_fields_of_other_sections():
     assert section.limit is None
     with pytest.raises(ConfigError, match="config key limit: cannot read 'many'"):
         _apply(section, {"limit": "many"})
+
+
+# ---------------------------------------------------------------------------------------------- value ranges
+def _numeric_keys() -> dict[str, object]:
+    """Every config key holding numbers (ints, floats, pairs or mappings of them) → its type hint."""
+    import dataclasses
+    import typing
+
+    out = {}
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, prefix + f.name + ".")
+                continue
+            inner = typing.get_args(hint) or (hint,)
+            if hint in (int, float) or (typing.get_origin(hint) in (tuple, dict) and inner[-1] in (int, float)):
+                out[prefix + f.name] = hint
+    walk(Config, "")
+    return out
+
+
+def test_every_numeric_key_has_a_range_and_its_default_lies_in_it():
+    from taxonomist.config import RANGES, check_range
+
+    numeric = _numeric_keys()
+    assert set(numeric) == set(RANGES), set(numeric) ^ set(RANGES)
+    defaults = Config().to_dict()
+    for key in numeric:
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        check_range(key, tuple(value) if isinstance(value, list) else value)
+
+
+def _outside(valid) -> list[float]:
+    """Values just outside each end of a Range."""
+    out = []
+    if valid.low is not None:
+        out.append(valid.low if valid.low_open else valid.low - (1 if valid.low == int(valid.low) else 0.01))
+    if valid.high is not None:
+        out.append(valid.high if valid.high_open else valid.high + 1)
+    return out
+
+
+@pytest.mark.parametrize("key", sorted(_numeric_keys()))
+def test_out_of_range_values_are_one_line_errors_naming_key_value_and_range(key, tmp_path):
+    from taxonomist.config import RANGES
+
+    valid, hint = RANGES[key], _numeric_keys()[key]
+    integer = hint is int or getattr(hint, "__args__", (None,))[-1] is int
+    bad_values = [v for v in _outside(valid) if not integer or float(v).is_integer()]
+    assert bad_values, key
+    for bad in bad_values:
+        text = str(int(bad)) if integer else repr(float(bad))
+        if typing_origin(hint) is tuple:
+            setting, shown, where = f"{key}={text},{text}", text, key
+        elif typing_origin(hint) is dict:
+            setting, shown, where = f"{key}.species={text}", text, f"{key}.species"
+        else:
+            setting, shown, where = f"{key}={text}", text, key
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [setting])
+        message = str(e.value)
+        assert message.startswith(f"config key {where}: {shown}") and f"valid: {valid}" in message, message
+        assert "\n" not in message
+        # the same value from a YAML file: the file is named too
+        section, name = setting.split("=")[0].split(".", 1)
+        config = tmp_path / "c.yaml"
+        nested = name.split(".")
+        body = "".join("  " * (i + 1) + f"{part}:\n" for i, part in enumerate(nested[:-1]))
+        value = f"[{text}, {text}]" if typing_origin(hint) is tuple else text
+        config.write_text(f"{section}:\n{body}{'  ' * len(nested)}{nested[-1]}: {value}\n")
+        with pytest.raises(ConfigError, match=f"^{config}: config key {where}: "):
+            load_config(config)
+
+
+def typing_origin(hint):
+    import typing
+    return typing.get_origin(hint)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.val_fraction=1.5", "config key data.val_fraction: 1.5 is out of range; valid: [0, 1)"),
+    ("train.grad_clip=-1", "config key train.grad_clip: -1.0 is out of range; valid: >= 0 (0 = off)"),
+    ("decide.thresholds.genus=1.2", "config key decide.thresholds.genus: 1.2 is out of range; valid: [0, 1]"),
+    ("decide.thresholds={species: 0.5, family: -0.1}", "config key decide.thresholds.family: -0.1"),
+    ("augment.scale=0.9,0.2", "config key augment.scale: (0.9, 0.2) is out of order"),
+    ("train.seed=-3", "config key train.seed: -3 is out of range; valid: [0, 4.29497e+09]"),
+    ("data.image_size=100000", "config key data.image_size: 100000 is out of range; valid: [8, 4096]"),
+])
+def test_the_issue_examples(setting, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [setting])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_values_on_the_edges_of_their_ranges_are_accepted():
+    cfg = load_config(None, ["data.val_fraction=0", "train.grad_clip=0", "decide.thresholds.species=1",
+                             "augment.scale=1,1", "train.epochs=0", "data.fold=-1", "loss.focal_alpha=1"])
+    assert cfg.data.val_fraction == 0 and cfg.decide.thresholds["species"] == 1 and cfg.augment.scale == (1, 1)
+
+
+def test_shipped_configs_are_in_range():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "configs").glob("*.yaml")) + sorted((root / "docs").rglob("*.yaml"))
+    assert files
+    for path in files:
+        load_config(path)
+
+
+def test_sweep_ranges_are_checked_against_the_config_ranges(tmp_path):
+    pytest.importorskip("optuna")
+    from taxonomist.sweep.space import parse_space
+
+    with pytest.raises(ConfigError, match=r"uniform bound: config key data.val_fraction: 1.5 is out of range"):
+        parse_space({"data.val_fraction": {"uniform": [0.1, 1.5]}})
+    with pytest.raises(ConfigError, match=r"config key train.grad_clip: -1.0 is out of range"):
+        parse_space({"train.grad_clip": {"choice": [1.0, -1.0]}})
+    assert [p.key for p in parse_space({"data.val_fraction": {"uniform": [0.0, 0.5]}})] == ["data.val_fraction"]

@@ -147,3 +147,14 @@ def test_an_unexpected_error_is_one_line_naming_its_saved_traceback(tmp_path, mo
     assert "KeyError: 'missing key'" in text
     with pytest.raises(KeyError):  # --debug shows everything
         main(["--debug", "score", "a.csv", "b.csv"])
+
+
+def test_the_evaluate_redo_command_trusts_the_code_the_run_itself_was_trained_with(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  backbone: module:my_nets.plankton:build\n")
+    assert redo_command(run, "evaluate") == f"taxonomist evaluate {run} --trust-code"
+    (run / "config.yaml").write_text("model:\n  backbone: tf_efficientnet_lite0\n")
+    assert redo_command(run, "evaluate") == f"taxonomist evaluate {run}"
+    (run / "config.yaml").write_text("[[[")       # unreadable: no flag rather than a second failure
+    assert redo_command(run, "evaluate") == f"taxonomist evaluate {run}"

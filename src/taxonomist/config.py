@@ -16,6 +16,7 @@ import yaml
 
 from taxonomist.errors import ConfigError
 from taxonomist.taxonomy.core import suggest
+from taxonomist.utils.safe_parse import parse_yaml, read_yaml, shorten
 
 
 @dataclass
@@ -123,6 +124,10 @@ class DecideConfig:
     #: OOD scores that need the model (`odin`, `mc-dropout`), fitted on the val rows when `train` calibrates,
     #: so that `predict --ood odin` has a threshold; empty = only the scores fitted from features and logits
     model_ood: list[str] = field(default_factory=list)
+    #: what the temperature is fitted for on the val rows: `nll` (the labels' log loss, the usual temperature
+    #: scaling), `node-nll` (the log loss of every node on the true lineage), `risk` (the mean distance of the
+    #: min-risk answers over `candidates`), or `none` (T = 1)
+    temperature: str = "nll"
 
 
 @dataclass
@@ -142,6 +147,119 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: `low`‥`high` (None = unbounded), each end closed unless `*_open`.
+
+    >>> str(Range(0, 1, high_open=True)), 1.5 in Range(0, 1, high_open=True), str(Range(0, low_open=True))
+    ('[0, 1)', False, '> 0')
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""                       #: what the special values mean, e.g. "0 = off"
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+_PROBABILITY = Range(0, 1)
+_FRACTION = Range(0, 1, high_open=True)   # a share, a smoothing or a decay that must leave something
+_NONNEGATIVE = Range(0)
+_POSITIVE = Range(0, low_open=True)
+_COUNT = Range(1)
+
+#: The valid range of every numeric config key (each element of a pair, each value of a mapping). A value
+#: outside it is a one-line ConfigError naming the key, the value and the range, whether it comes from a YAML
+#: file, `--set` or a sweep. tests/test_config.py checks that every int/float key is listed here.
+RANGES: dict[str, Range] = {
+    "data.image_size": Range(8, 4096),
+    "data.val_fraction": _FRACTION,
+    "data.fold": Range(-1, note="-1 = no fold column"),
+    "data.num_workers": Range(-1, 1024, note="-1 = chosen for the machine"),
+    "augment.scale": Range(0, 1, low_open=True),
+    "augment.ratio": _POSITIVE,
+    "augment.hflip": _PROBABILITY,
+    "augment.vflip": _PROBABILITY,
+    "augment.rotation": Range(0, 180),
+    "augment.color_jitter": _NONNEGATIVE,
+    "augment.mixup": Range(0, note="0 = off"),
+    "augment.cutmix": Range(0, note="0 = off"),
+    "augment.crop_pct": Range(0, 1, low_open=True),
+    "model.last_n_blocks": _COUNT,
+    "model.drop_rate": _FRACTION,
+    "model.fusion_temperature": _POSITIVE,
+    "model.lora.r": Range(0, 4096, note="0 = no adapters"),
+    "model.lora.alpha": _COUNT,
+    "model.lora.dropout": _FRACTION,
+    "loss.label_smoothing": _FRACTION,
+    "loss.focal_gamma": _NONNEGATIVE,
+    "loss.focal_alpha": _PROBABILITY,
+    "loss.distance_weight": _NONNEGATIVE,
+    "loss.soft_label_temperature": _POSITIVE,
+    "loss.effective_beta": _FRACTION,
+    "loss.rank_weights": _NONNEGATIVE,
+    "loss.consistency_weight": _NONNEGATIVE,
+    "train.epochs": Range(0, 1_000_000, note="0 = evaluate as is, no training"),
+    "train.batch_size": Range(1, 1 << 20),
+    "train.lr": _POSITIVE,
+    "train.head_lr": Range(0, note="0 = same as lr"),
+    "train.layer_decay": Range(0, 1, note="0 = off"),
+    "train.weight_decay": _NONNEGATIVE,
+    "train.warmup_epochs": _NONNEGATIVE,
+    "train.grad_clip": Range(0, note="0 = off"),
+    "train.accumulate": Range(1, 1 << 20),
+    "train.ema_decay": _FRACTION,
+    "train.patience": Range(0, note="0 = off"),
+    "train.save_every": Range(0, note="0 = best and last only"),
+    "train.threads": Range(0, 1024, note="0 = chosen for the machine"),
+    "train.seed": Range(0, 2**32 - 1),
+    "train.max_steps": Range(0, note="0 = no limit"),
+    "train.log_every": _COUNT,
+    "decide.thresholds": _PROBABILITY,
+}
+
+
+def check_range(key: str, value: Any) -> None:
+    """Raise a ConfigError when the numeric value of `key` (a number, pair or mapping) is outside `RANGES`.
+
+    >>> check_range("data.val_fraction", 1.5)
+    Traceback (most recent call last):
+    taxonomist.errors.ConfigError: config key data.val_fraction: 1.5 is out of range; valid: [0, 1)
+    """
+    valid = RANGES.get(key)
+    if valid is None:
+        return
+    if isinstance(value, dict):
+        for name, v in value.items():
+            _check_one(f"{key}.{name}", v, valid)
+        return
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _check_one(key, v, valid)
+        if len(value) == 2 and value[0] > value[1]:
+            raise ConfigError(f"config key {key}: {shorten(tuple(value))} is out of order; valid: min <= max, "
+                              f"each {valid}")
+        return
+    _check_one(key, value, valid)
+
+
+def _check_one(key: str, value: Any, valid: Range) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in valid:
+        raise ConfigError(f"config key {key}: {shorten(value)} is out of range; valid: {valid}")
+
+
 def _plain(value):
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -156,7 +274,7 @@ def _split_items(value: str) -> list[Any]:
     """`"0.2,1.0"` → ["0.2", "1.0"]; `"[0.2, 1.0]"` (YAML flow syntax) → [0.2, 1.0]."""
     text = value.strip()
     if text[:1] in "[(":
-        parsed = yaml.safe_load("[" + text[1:-1] + "]") if text[-1:] in ")]" else None
+        parsed = parse_yaml("[" + text[1:-1] + "]") if text[-1:] in ")]" else None
         if not isinstance(parsed, list):
             raise ValueError
         return parsed
@@ -167,7 +285,7 @@ def _split_mapping(value: str) -> dict[Any, Any]:
     """`"species=0.5,genus=0.6"` or `"{species: 0.5}"` → a dict."""
     text = value.strip()
     if text.startswith("{"):
-        parsed = yaml.safe_load(text)
+        parsed = parse_yaml(text)
         if not isinstance(parsed, dict):
             raise ValueError
         return parsed
@@ -244,11 +362,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             _, val_t = args
             return {str(k): _coerce(v, val_t, key) for k, v in mapping.items()}
     except (ValueError, TypeError, yaml.YAMLError):
-        raise ConfigError(f"config key {key}: cannot read {value!r} as "
+        raise ConfigError(f"config key {key}: cannot read {shorten(value)} as "
                           f"{getattr(hint, '__name__', None) or hint}") from None
     if isinstance(value, str):  # a field of another type (Any, Literal, …): read the text as YAML
         try:
-            return yaml.safe_load(value)
+            return parse_yaml(value)
         except yaml.YAMLError:
             return value
     return value
@@ -261,7 +379,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}{suggest(dotted, [prefix + n for n in names])}")
+            raise ConfigError(f"unknown config key {shorten(dotted)}{suggest(dotted, [prefix + n for n in names])}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if value is None:  # `data:` with nothing below it in YAML
@@ -271,6 +389,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             _apply(current, value, dotted + ".")
             continue
         new = _coerce(value, hints[key], dotted)
+        check_range(dotted, new)
         if isinstance(current, dict) and isinstance(new, dict):
             # `--set decide.thresholds.species=0.5` changes one rank and keeps the others
             new = {**current, **new}
@@ -299,20 +418,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error instead of the last one winning
-    silently (two `train:` sections, say)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
-            seen.add(key) if isinstance(key, typing.Hashable) else None
-        return super().construct_mapping(node, deep)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults ← `base` ← YAML file ← `--set` overrides.
@@ -330,15 +435,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: config file not found")
         if not path.is_file():
             raise ConfigError(f"{path}: is not a file, expected a YAML config")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}: not valid YAML ({where}{problem})") from None
+        # aliases, nesting and size are limited before any value is built; a key given twice is an error
+        data = read_yaml(path, ConfigError) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, …)")
         try:

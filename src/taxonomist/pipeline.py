@@ -57,10 +57,24 @@ def redo_command(run_dir: str | Path, step: str) -> str:
     if step == "calibrate":  # a run whose training finished resumes straight into the steps after it
         return f"taxonomist train --config {q(str(run / 'config.yaml'))} --resume"
     if step == "evaluate":   # evaluate writes the report too
-        return f"taxonomist evaluate {q(str(run))}"
+        return f"taxonomist evaluate {q(str(run))}" + (" --trust-code" if _names_code(run) else "")
     if step == "report":
         return f"taxonomist report {q(str(run))} --out {q(str(run / 'report.html'))}"
     raise ValueError(f"unknown step {step!r}")
+
+
+def _names_code(run: Path) -> bool:
+    """Whether the run's own config trains a backbone that imports code (`module:…`): evaluating its checkpoint
+    again then needs `--trust-code`, which the user may give for a run they trained themselves."""
+    from taxonomist.errors import TaxonomistError
+    from taxonomist.models.backbones import code_named_by
+    from taxonomist.utils.safe_parse import read_yaml
+    try:
+        cfg = read_yaml(run / "config.yaml")
+    except TaxonomistError:
+        return False
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return isinstance(model, dict) and code_named_by(str(model.get("backbone", ""))) is not None
 
 
 def one_line_error(error: BaseException, limit: int = 300) -> str:
@@ -113,7 +127,13 @@ def finish_run(run_dir: str | Path, cfg: Config, steps: Sequence[str] = POST_TRA
     unknown = [s for s in steps if s not in POST_TRAINING_STEPS]
     if unknown:
         raise ValueError(f"unknown post-training step(s) {unknown}; choose from {POST_TRAINING_STEPS}")
-    run_dir = Path(run_dir)
+    from taxonomist.models.backbones import chosen_by_user
+    with chosen_by_user(cfg.model.backbone):  # the checkpoints of the user's own config, not a stranger's file
+        return _finish_run(Path(run_dir), cfg, steps, split, progress, log)
+
+
+def _finish_run(run_dir: Path, cfg: Config, steps: Sequence[str], split: str, progress: bool,
+                log: Callable[[str], None]) -> FitResult:
     result = FitResult(run_dir, training=None)
     device, batch, workers = cfg.train.device, cfg.train.batch_size, cfg.data.num_workers
 
@@ -177,7 +197,7 @@ def training_finished(run_dir: str | Path, cfg: Config) -> bool:
 
 
 def fit(cfg: Config, *, resume: bool = False, kfold: bool = False, calibrate: bool = True, evaluate: bool = True,
-        report: bool = True, split: str = "test", progress: bool = False,
+        report: bool = True, split: str = "test", progress: bool = False, force: bool = False,
         log: Callable[[str], None] = print) -> FitResult:
     """Train as `cfg` says, then calibrate, evaluate the best checkpoint on `split` and write the report.
 
@@ -185,14 +205,25 @@ def fit(cfg: Config, *, resume: bool = False, kfold: bool = False, calibrate: bo
     RUN/errors.log, and the trained model stays in RUN/checkpoints (call `raise_for_failure()` to raise it as a
     `PostTrainingError`). With `resume`, a run that already trained to the end goes straight to those steps.
     With `kfold`, one run per fold is trained and calibrated (`OUT/fold_K`), and nothing is evaluated.
+    `cfg.out` must be new, empty or a taxonomist run; `force` trains into another existing folder
+    (`train.loop.check_run_out`).
 
     >>> from taxonomist.config import load_config                                            # doctest: +SKIP
     >>> result = fit(load_config(None, ["data.root=data/synth", "out=runs/first"]))         # doctest: +SKIP
     >>> result.raise_for_failure(); result.evaluation.metrics["mhd"]                         # doctest: +SKIP
     """
+    from taxonomist.models.backbones import chosen_by_user
+    with chosen_by_user(cfg.model.backbone):  # the user's config chose it: a `module:` backbone needs no flag here
+        return _fit(cfg, resume=resume, kfold=kfold, calibrate=calibrate, evaluate=evaluate, report=report,
+                    split=split, progress=progress, force=force, log=log)
+
+
+def _fit(cfg: Config, *, resume: bool, kfold: bool, calibrate: bool, evaluate: bool, report: bool, split: str,
+         progress: bool, force: bool, log: Callable[[str], None]) -> FitResult:
     import os
 
-    run_dir = Path(cfg.out)
+    from taxonomist.train.loop import check_run_out
+    run_dir = check_run_out(cfg, resume=resume, force=force, kfold=kfold)  # before any step reads or writes
     steps = [s for s, on in zip(POST_TRAINING_STEPS, (calibrate, evaluate, evaluate and report)) if on]
     if kfold:
         from taxonomist.train.kfold import train_kfold
@@ -213,7 +244,7 @@ def fit(cfg: Config, *, resume: bool = False, kfold: bool = False, calibrate: bo
             f"epochs); running the steps after it: {', '.join(steps) or 'none'}")
     else:
         from taxonomist.train import train
-        trained = train(cfg, progress=progress, resume=resume, log=log)
+        trained = train(cfg, progress=progress, resume=resume, log=log, force=force)
         if int(os.environ.get("RANK", "0")) != 0:  # one process of several: rank 0 does the rest
             return FitResult(run_dir, training=trained)
         log(f"best {trained.monitor} {trained.best_metric:.4f} at epoch {trained.best_epoch}; "

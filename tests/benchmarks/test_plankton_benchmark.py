@@ -113,11 +113,18 @@ def test_benchmark_end_to_end_on_a_parent_table(tmp_path, bench, one_thread):
         assert rules[("argmax", "labels", None)]["exact"] == pytest.approx(rows[name]["top1"])
         cover = [rules[("selective", "all nodes", t)]["coverage"] for t in preset.selective_thresholds]
         assert cover == sorted(cover, reverse=True)
+        # the other tools' rules and Plaud et al.'s hF1 decoding, each on its own measure
+        assert {("rollup", "all nodes", None), ("common-ancestor", "all nodes", None),
+                ("hf1-optimal", "all nodes", None)} <= set(rules)
+        assert all(0 <= d["hf1"] <= 1 for d in rules.values())
     assert rows["probe"]["group_level"] == "depth1"
 
     ood = rows["ood"]
     assert ood["n_unknown"] > 0 and len(ood["ood_labels"]) == 1
-    assert set(ood["methods"]) == {"msp", "energy", "max-logit", "mahalanobis", "knn"}
+    knn = {m for m in ood["methods"] if m.startswith("knn k=")}
+    assert {"msp", "energy", "max-logit", "mahalanobis", "relative-mahalanobis", "vim", "react-energy",
+            "mahalanobis, ridge 1"} <= set(ood["methods"]) - knn
+    assert "knn k=1" in knn and knn <= {f"knn k={k}" for k in (1, 5, 10, 20, 50, 100, 200)}
     assert all(0 <= m["auroc"] <= 1 for m in ood["methods"].values())
 
     images = rows["images"]
@@ -143,3 +150,17 @@ def test_benchmark_end_to_end_on_a_parent_table(tmp_path, bench, one_thread):
     assert again["rows"]["probe"]["top1"] == rows["probe"]["top1"]  # seeded: the same head again
     assert [f.stat().st_mtime_ns for f in features] == stamps
     assert json.loads((out / "results.json").read_text())["rows"]["probe"]["mhd"] == rows["probe"]["mhd"]
+
+
+def test_hierarchical_f_loss_by_hand():
+    """hF1 over lineage sets without the root: a1 vs A is P = 1, R = 1/2; a1 vs b1 shares nothing below R."""
+    from taxonomist.taxonomy import Taxonomy
+    bench = load_benchmark()
+    tax = Taxonomy.from_parents({"R": None, "A": "R", "B": "R", "a1": "A", "a2": "A", "b1": "B"})
+    loss = bench.hierarchical_f_loss(tax)
+    col = {n: i for i, n in enumerate(tax.names)}
+    a1 = list(tax.labels).index("a1")
+    assert loss[a1, col["a1"]] == pytest.approx(0.0)
+    assert loss[a1, col["A"]] == pytest.approx(1 - 2 * 1 * 0.5 / 1.5)   # hF1 = 2PR / (P + R) = 2/3
+    assert loss[a1, col["a2"]] == pytest.approx(0.5)                      # P = R = 1/2
+    assert loss[a1, col["b1"]] == pytest.approx(1.0) and loss[a1, col["R"]] == pytest.approx(1.0)

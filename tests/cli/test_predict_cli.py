@@ -110,3 +110,22 @@ def test_user_mistakes_are_one_error_line(run, data, tmp_path, capsys):
     assert rc == 2 and err.startswith("error: Nowhere: candidates file not found") and err.count("\n") == 1
     rc = main(["predict", str(run), "--images", str(data / "images"), "--weights", "1,x", "--out", "s.csv"])
     assert rc == 2 and "--weights '1,x'" in capsys.readouterr().err
+
+
+def test_rollup_parameters_through_the_cli(run, data, tmp_path, capsys):
+    args = ["predict", str(run), "--images", str(data / "images"), "--workers", "0", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "argmax.csv")]) == 0
+    # only the top label counts and any sum reaches 0: the deepest such node is the top label itself
+    assert main([*args, "--decision", "rollup", "--top-k", "1", "--thresholds", "0",
+                 "--out", str(tmp_path / "rollup.csv")]) == 0
+    argmax = pd.read_csv(tmp_path / "argmax.csv", keep_default_na=False)
+    rollup = pd.read_csv(tmp_path / "rollup.csv", keep_default_na=False)
+    assert rollup["prediction"].tolist() == argmax["prediction"].tolist()
+    capsys.readouterr()
+    for bad, message in ((["--top-k", "3"], "--top-k applies to --decision rollup and common-ancestor only"),
+                         (["--decision", "rollup", "--top-k", "0"], "--top-k must be a whole number of at least 1"),
+                         (["--decision", "common-ancestor", "--thresholds", "species=0.5"],
+                          "common-ancestor takes one number")):
+        assert main([*args, *bad, "--out", str(tmp_path / "x.csv")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -24,7 +24,8 @@ from taxonomist.cli.main import main
 from taxonomist.data.download import FAILURES_CSV, _retry_after, download_coco_images, image_problem
 from taxonomist.errors import ConfigError, DataError
 
-FAST = {"backoff": 0.01, "max_backoff": 2.0}
+#: the test servers listen on 127.0.0.1, which downloads refuse unless told otherwise (SSRF)
+FAST = {"backoff": 0.01, "max_backoff": 2.0, "allow_private_addresses": True}
 
 
 def png_bytes(seed: int, size=(24, 16)) -> bytes:
@@ -283,9 +284,11 @@ def test_cli_exit_status(fixtures_dir, tmp_path, capsys):
     with FaultyServer(images, {"/b.png": ["404"]}) as server:
         coco_json, names = coco_from_fixture(fixtures_dir, tmp_path, server, ["/a.png", "/b.png"])
         out = tmp_path / "out"
-        assert main(["data", "download", str(coco_json), str(out), "--workers", "2", "--retries", "0"]) == 1
+        assert main(["data", "download", str(coco_json), str(out), "--workers", "2", "--retries", "0",
+                     "--allow-private-addresses"]) == 1
         assert "1 downloaded" in capsys.readouterr().out
-        assert main(["data", "download", str(coco_json), str(out), "--workers", "2", "--retries", "0"]) == 0
+        assert main(["data", "download", str(coco_json), str(out), "--workers", "2", "--retries", "0",
+                     "--allow-private-addresses"]) == 0
         assert "1 downloaded" in capsys.readouterr().out and server.counts["/a.png"] == 1
 
 
@@ -305,7 +308,7 @@ def test_kill_and_resume(fixtures_dir, tmp_path):
         out = tmp_path / "out"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
         proc = subprocess.Popen([sys.executable, "-m", "taxonomist.cli.main", "data", "download", str(coco_json),
-                                 str(out), "--workers", "2", "--retries", "0"],
+                                 str(out), "--workers", "2", "--retries", "0", "--allow-private-addresses"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         try:
@@ -340,3 +343,105 @@ def test_kill_and_resume(fixtures_dir, tmp_path):
         for p in finished:
             assert server.counts[p] == 1, p
         assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------ SSRF and file-name limits
+def _coco(tmp_path: Path, entries: list[tuple[str, str]]) -> Path:
+    coco_json = tmp_path / "c.json"
+    coco_json.write_text(json.dumps({"images": [{"id": i, "file_name": name, "coco_url": url}
+                                                for i, (name, url) in enumerate(entries)]}))
+    return coco_json
+
+
+def test_private_addresses_are_refused_by_default(tmp_path, capsys):
+    """Without --allow-private-addresses no request reaches loopback, link-local or private addresses; the
+    refusals are failure rows, and the one server that could answer (127.0.0.1) sees no request at all."""
+    with FaultyServer({"/a.png": png_bytes(1)}) as server:
+        port = server.port
+        entries = [("loop.png", server.url("/a.png")), ("localhost.png", f"http://localhost:{port}/a.png"),
+                   ("v6.png", f"http://[::1]:{port}/a.png"), ("mapped.png", f"http://[::ffff:127.0.0.1]:{port}/a.png"),
+                   ("zero.png", f"http://0.0.0.0:{port}/a.png"), ("ten.png", "http://10.1.2.3/a.png"),
+                   ("home.png", "http://192.168.0.1/a.png"),
+                   ("metadata.png", "http://169.254.169.254/latest/meta-data/"),
+                   ("decimal.png", f"http://2130706433:{port}/a.png")]   # 127.0.0.1 written as one number
+        coco_json = _coco(tmp_path, entries)
+        summary = download_coco_images(coco_json, tmp_path / "out", workers=2, retries=2, timeout=2,
+                                       backoff=0.01)
+        reasons = {name: reason for name, _, reason in summary.failures}
+        assert summary.downloaded == 0 and set(reasons) == {name for name, _ in entries}
+        for name in ("loop.png", "localhost.png", "v6.png", "mapped.png", "decimal.png"):
+            assert reasons[name].startswith("refused: ") and "loopback address" in reasons[name], reasons[name]
+        assert "private address" in reasons["ten.png"] and "private address" in reasons["home.png"]
+        assert "link-local address" in reasons["metadata.png"]
+        assert "address" in reasons["zero.png"] and reasons["zero.png"].startswith("refused: ")
+        assert all("--allow-private-addresses" in r for r in reasons.values())
+        assert "after" not in "".join(reasons.values())          # refused at once, never retried
+        assert sum(server.counts.values()) == 0
+        assert len(read_failures(tmp_path / "out")) == len(entries)
+
+        # the CLI: refused by default (exit 1, the reason printed); the opt-in fetches from the local server
+        one = _coco(tmp_path, entries[:1])
+        assert main(["data", "download", str(one), str(tmp_path / "cli"), "--retries", "0"]) == 1
+        assert "loopback address" in capsys.readouterr().out and sum(server.counts.values()) == 0
+        assert main(["data", "download", str(one), str(tmp_path / "cli"), "--retries", "0",
+                     "--allow-private-addresses"]) == 0
+        assert server.counts["/a.png"] == 1 and (tmp_path / "cli" / "loop.png").is_file()
+
+
+def test_redirect_to_a_private_address_is_refused(tmp_path, monkeypatch):
+    """A public URL that redirects into the private network is refused at the redirect. 127.0.0.1 plays the public
+    server here (the only address the test may use); the redirect target 127.0.0.2 stays private and is never
+    contacted."""
+    import taxonomist.data.download as download
+
+    real = download._address_kind
+    monkeypatch.setattr(download, "_address_kind", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
+    hits = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/secret.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+        summary = download_coco_images(_coco(tmp_path, [("a.png", url)]), tmp_path / "out", retries=2, timeout=2,
+                                       backoff=0.01)
+    finally:
+        server.shutdown()
+        server.server_close()
+    (name, _, reason), = summary.failures
+    assert reason.startswith("refused: 127.0.0.2 is a loopback address"), reason
+    assert hits == ["/a.png"]                                   # one request, the redirect itself; no retry
+
+
+def test_over_long_file_names_are_failure_rows(tmp_path):
+    """A file_name the file system cannot hold (a name over 255 bytes, a file name over 241 with its temporary
+    suffix, a lone surrogate) is one failure row; the other images still download."""
+    images = {"/a.png": png_bytes(1)}
+    with FaultyServer(images) as server:
+        url = server.url("/a.png")
+        names = ["a" * 300 + ".png", "é" * 130 + ".png", "b" * 238 + ".png", ("c" * 256) + "/x.png",
+                 "\ud800.png", "fits/" + "d" * 237 + ".png", "ok.png"]
+        summary = download_coco_images(_coco(tmp_path, [(n, url) for n in names]), tmp_path / "out", workers=2,
+                                       retries=0, timeout=5, **FAST)
+    reasons = {name: reason for name, _, reason in summary.failures}
+    assert set(reasons) == set(names[:5]), reasons
+    assert "304 bytes, over the 241-byte limit of a file name" in reasons[names[0]]
+    assert "264 bytes" in reasons[names[1]]                                  # UTF-8 bytes, not characters
+    assert "242 bytes" in reasons[names[2]]
+    assert "256 bytes, over the 255-byte limit of a folder name" in reasons[names[3]]
+    assert "cannot hold" in reasons[names[4]]
+    assert all(len(r) < 200 for r in reasons.values())                      # the name is cut in the reason
+    assert summary.downloaded == 2 and (tmp_path / "out" / "ok.png").is_file()
+    assert (tmp_path / "out" / names[5]).read_bytes() == images["/a.png"]   # 241 bytes: the longest that fits
+    assert len(read_failures(tmp_path / "out")) == 5
+    assert server.counts["/a.png"] == 2

@@ -68,3 +68,42 @@ def test_expected_calibration_error_by_hand():
         expected_calibration_error(np.array([1.2]), np.array([1]))
     with pytest.raises(DataError, match="correct must have 1 entries"):
         expected_calibration_error(np.array([0.5]), np.array([1, 0]))
+
+
+# ---------------------------------------------------------------------------------------------- objectives
+def _tree_and_sample(seed: int):
+    from taxonomist.taxonomy import Taxonomy, distance_matrix
+    parents = {"root": None, **{f"g{g}": "root" for g in range(3)},
+               **{f"g{g}s{s}": f"g{g}" for g in range(3) for s in range(3)}}
+    tax = Taxonomy.from_parents(parents)
+    z, y = calibrated_sample(6000, len(tax.labels), seed)
+    return tax, z, y, distance_matrix(tax, "lca", tax.labels, tax.names)
+
+
+def test_node_nll_and_risk_objectives_undo_an_overconfidence():
+    from taxonomist.decide import min_risk_decision
+    from taxonomist.decide.calibration import RISK_GRID, fit_temperature_for
+    tax, z, y, d = _tree_and_sample(1)
+    assert fit_temperature_for(3.0 * z, y, "nll") == pytest.approx(fit_temperature(3.0 * z, y))
+    t_node = fit_temperature_for(3.0 * z, y, "node-nll", taxonomy=tax)
+    assert t_node == pytest.approx(3.0, abs=0.3)
+    t_risk = fit_temperature_for(3.0 * z, y, "risk", taxonomy=tax, distance_lc=d)
+    assert t_risk in RISK_GRID or t_risk == 1.0
+
+    def risk(t):
+        return d[y, min_risk_decision(apply_temperature(3.0 * z, t), d)[0]].mean()
+    assert risk(t_risk) == min(risk(t) for t in (*RISK_GRID, 1.0))  # the grid's best, by construction
+    assert risk(t_risk) < risk(1.0)                                   # and better than leaving the logits alone
+    assert 1.5 < t_risk < 6.0                                         # near the true 3 (the risk is flat near it)
+
+
+def test_objectives_keep_t_1_when_it_serves_as_well_and_check_their_inputs():
+    from taxonomist.decide.calibration import fit_temperature_for
+    tax, z, y, d = _tree_and_sample(2)
+    assert fit_temperature_for(z, y, "node-nll", taxonomy=tax) == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ConfigError, match="choose one of nll, node-nll, risk"):
+        fit_temperature_for(z, y, "ece")
+    with pytest.raises(ConfigError, match="needs the taxonomy"):
+        fit_temperature_for(z, y, "risk")
+    with pytest.raises(ConfigError, match="needs distance_lc"):
+        fit_temperature_for(z, y, "risk", taxonomy=tax)

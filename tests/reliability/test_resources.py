@@ -135,7 +135,8 @@ def test_disk_full_during_download_is_listed_per_image(tmp_path, monkeypatch, ca
         url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
         coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "coco_url": url}]}))
         monkeypatch.setattr(download, "atomic_write_bytes", lambda *a, **k: _no_space())
-        code, out, err = run_cli(["data", "download", coco, tmp_path / "out", "--retries", "0"], capsys)
+        code, out, err = run_cli(["data", "download", coco, tmp_path / "out", "--retries", "0",
+                                  "--allow-private-addresses"], capsys)
     finally:
         server.shutdown()
         server.server_close()

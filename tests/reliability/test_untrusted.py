@@ -246,7 +246,8 @@ def test_download_refuses_symlinks_out_oversized_bodies_and_file_redirects(tmp_p
         coco = tmp_path / "c.json"
         coco.write_text(json.dumps({"images": [{"id": i, "file_name": n, "coco_url": u}
                                                for i, (n, u) in enumerate(entries)]}))
-        summary = download_coco_images(coco, out, workers=2, retries=0, timeout=5, max_bytes=50_000)
+        summary = download_coco_images(coco, out, workers=2, retries=0, timeout=5, max_bytes=50_000,
+                                       allow_private_addresses=True)   # the test server is on 127.0.0.1
     reasons = {name: reason for name, _, reason in summary.failures}
     assert reasons["escape/a.png"].startswith("refused: a symlink")
     assert "over the 50000-byte limit" in reasons["big.png"] and "over the 50000-byte limit" in reasons["stream.png"]

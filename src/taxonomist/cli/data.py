@@ -120,6 +120,10 @@ def register(sub, formatter):
     d.add_argument("--workers", type=int, default=8, help="parallel downloads")
     d.add_argument("--retries", type=int, default=4, help="retries per file (exponential backoff, honours Retry-After)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    d.add_argument("--allow-private-addresses", action="store_true",
+                   help="also fetch from loopback, link-local and private addresses (a mirror on your network); "
+                        "refused by default, redirects included, so that a COCO file cannot reach this machine's "
+                        "network")
     d.set_defaults(func=run_download)
 
     p = dsub.add_parser("prepare", help="COCO JSON + images → dataset (ROI and context crops)",
@@ -261,7 +265,8 @@ def run_synth(args) -> int:
 def run_download(args) -> int:
     from taxonomist.data.download import download_coco_images
     summary = download_coco_images(args.coco_json, args.out_dir, workers=args.workers, retries=args.retries,
-                                   timeout=args.timeout, progress=True)
+                                   timeout=args.timeout, progress=True,
+                                   allow_private_addresses=args.allow_private_addresses)
     print(summary)
     return 0 if summary.ok else 1
 

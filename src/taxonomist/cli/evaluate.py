@@ -14,6 +14,11 @@ per-label precision/recall/F1, ood when the dataset has ood rows and the checkpo
 predictions.csv (path,label,prediction,confidence,distance + label_/prediction_/confidence_<rank>) and the
 self-contained report.html into --out (default: the run directory). The decision defaults to the run's
 decide.* config (argmax unless set); the checkpoint's temperature, when calibrated, is applied first.
+
+The new metrics.json, predictions.csv (and taxonomy.csv) replace the old ones as a set, metrics.json last, and the
+old report.html is removed before the new one is written: after a kill the folder holds the old evaluation, the
+new one, or no metrics.json (refused by readers), never a mix. --out may not be the dataset folder or hold a file
+evaluate reads. A checkpoint naming a backbone that imports code is refused unless --trust-code.
 """
 
 
@@ -25,12 +30,15 @@ def register(sub, formatter):
     p.add_argument("--data", metavar="DATASET", help="dataset directory (default: the run's data.root)")
     p.add_argument("--split", default="test", help="split to evaluate (test falls back to val when there is none)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory)")
-    p.add_argument("--decision", choices=["argmax", "min-risk", "backoff", "selective"],
+    p.add_argument("--decision", choices=["argmax", "min-risk", "backoff", "selective", "rollup", "common-ancestor"],
                    help="decision rule (default: the run's decide.decision, else argmax)")
     p.add_argument("--candidates", metavar="FILE|all|fathomnet2025",
                    help="nodes the answers may be (default: the training labels; back-off and selective: every node)")
     p.add_argument("--thresholds", metavar="RANK=P,…|P",
-                   help="back-off thresholds per rank or depth (species=0.55,genus=0.6), or selective's one threshold")
+                   help="back-off thresholds per rank or depth (species=0.55,genus=0.6), or the one threshold of "
+                        "selective, rollup or common-ancestor")
+    p.add_argument("--top-k", type=int, default=None, metavar="N",
+                   help="rollup and common-ancestor: how many of the most probable labels count (default 5 and 15)")
     p.add_argument("--critical", nargs="+", action="extend", default=[], metavar="TAXON",
                    help="taxa whose accuracy at every rank of their lineage the report details")
     p.add_argument("--model-ood", nargs="+", action="extend", default=[], metavar="METHOD",
@@ -43,6 +51,9 @@ def register(sub, formatter):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = chosen for the machine")
     p.add_argument("--no-report", action="store_true", help="write metrics.json and predictions.csv only")
+    p.add_argument("--trust-code", action="store_true",
+                   help="load checkpoints whose backbone imports code (module:PKG:FACTORY) or fetches it "
+                        "(open_clip:hf-hub:…); only for model files you trust (refused without it)")
     p.set_defaults(func=run)
 
 
@@ -78,7 +89,7 @@ def run(args) -> int:
                       batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
                       decision=args.decision, candidates=args.candidates,
                       thresholds=parse_thresholds(args.thresholds), model_ood=args.model_ood,
-                      ensemble=args.ensemble)
+                      ensemble=args.ensemble, trust_code=args.trust_code, top_k=args.top_k)
     from taxonomist.pipeline import record_step_done, run_step
     record_step_done(ev.out_dir, "evaluate")  # a run whose evaluation had failed is whole again
     print(ev.summary())

@@ -17,6 +17,11 @@ normalised float batch (B, 3, S, S) with a dynamic batch size; outputs `logits` 
 resize, crop), the temperature and the checkpoint's metadata are stored in the file's metadata_props
 (TorchScript: in its extra files). The OOD statistics, when the checkpoint has them, are copied beside the
 file as FILE.ood.safetensors. The export is checked against PyTorch on a random batch unless --no-check.
+
+The model and its OOD statistics replace an earlier export as a pair: after a kill, the old pair, the new pair
+or a model without statistics (refused when OOD is asked for), never a mix. --out may not be a file of the
+checkpoint. A checkpoint naming a backbone that imports code is refused unless --trust-code; the exported
+ONNX file runs in onnxruntime and never imports it.
 """
 
 
@@ -30,12 +35,16 @@ def register(sub, formatter):
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip running the exported model against PyTorch on a random batch")
+    p.add_argument("--trust-code", action="store_true",
+                   help="export checkpoints whose backbone imports code (module:PKG:FACTORY) or fetches it "
+                        "(open_clip:hf-hub:…); only for model files you trust (refused without it)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from taxonomist.deploy.export import export_model
 
-    summary = export_model(args.checkpoint, args.out, fmt=args.fmt, opset=args.opset, check=args.check)
+    summary = export_model(args.checkpoint, args.out, fmt=args.fmt, opset=args.opset, check=args.check,
+                           trust_code=args.trust_code)
     print(summary.summary())
     return 0

@@ -135,5 +135,17 @@ def _one_line(message: str, limit: int = 600) -> str:
     return f"{message[:limit - 100]} …[{cut:,} characters cut]… {message[-100:]}"
 
 
+def drop_current_folder_from_path() -> None:
+    """`python -m taxonomist.cli.main` (and `torchrun -m`) put the current folder first on sys.path, so a file
+    there — a `payload.py` named by a downloaded model file, or a `timm.py` shadowing the real package — would be
+    imported by the commands' lazy imports. The `taxonomist` command has no such entry; this makes both alike.
+    A `module:` backbone must be installed or on PYTHONPATH."""
+    import os
+
+    if sys.path and sys.path[0] in ("", os.getcwd()) and not sys.flags.safe_path:
+        del sys.path[0]
+
+
 if __name__ == "__main__":
+    drop_current_folder_from_path()
     sys.exit(main())

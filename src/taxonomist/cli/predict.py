@@ -4,8 +4,9 @@ from __future__ import annotations
 
 #: decide.DECISIONS and inference.predict.PREDICT_OOD_METHODS, spelled out so that `--help` needs no
 #: numpy/scipy import (tests/cli/test_predict_cli.py checks that they match)
-DECISION_CHOICES = ("argmax", "min-risk", "backoff", "selective")
-OOD_CHOICES = ("msp", "max-logit", "energy", "mahalanobis", "knn", "odin", "mc-dropout", "ensemble")
+DECISION_CHOICES = ("argmax", "min-risk", "backoff", "selective", "rollup", "common-ancestor")
+OOD_CHOICES = ("auto", "msp", "max-logit", "energy", "mahalanobis", "knn", "relative-mahalanobis", "vim",
+               "react-energy", "odin", "mc-dropout", "ensemble")
 
 EXAMPLE = """\
 examples:
@@ -30,13 +31,17 @@ name a candidate); there an unreadable image is an error unless --fill-unreadabl
 
 Decisions: argmax (most probable label), min-risk (least expected taxonomic distance over the candidates),
 backoff (climb from the top label until a rank's threshold is met: --thresholds species=0.55,genus=0.6,…),
-selective (deepest node with P >= --selective-threshold). --candidates: without it the training labels for
-argmax/min-risk and --format kaggle, every node for backoff/selective; `all`, `fathomnet2025` or a file.
+selective (deepest node with P >= --selective-threshold); two heuristics of other tools, for users coming
+from them: rollup (SpeciesNet: the deepest node holding --thresholds 0.65 of the top --top-k 5 labels) and
+common-ancestor (iNaturalist: the finest node holding 0.78 of the top 15, renormalised). --candidates:
+without it the training labels for argmax/min-risk and --format kaggle, every node for the others; `all`,
+`fathomnet2025` or a file.
 
 OOD: --ood METHOD adds ood_score (higher = more unknown) and unknown (score >= threshold). The threshold is
 --ood-threshold T, or the one keeping --ood-tpr (default 0.95) of the known validation images, stored at
-calibration. msp, max-logit, energy, mahalanobis and knn come from the statistics every calibrated
-checkpoint stores. odin (a gradient step on the input, 3 passes) and mc-dropout (10 passes with dropout on)
+calibration. auto (mahalanobis: the best on held-out plankton taxa, docs/decisions.md), msp, max-logit,
+energy, mahalanobis, knn, relative-mahalanobis, vim and react-energy come from the statistics every
+calibrated checkpoint stores. odin (a gradient step on the input, 3 passes) and mc-dropout (10 passes with dropout on)
 run the PyTorch model again; their thresholds are stored when trained with --set decide.model_ood=odin,...
 ensemble: the disagreement (mutual information) of 2+ checkpoints; give --ood-threshold T, e.g. the
 ood.ensemble.threshold that `taxonomist evaluate RUN --ensemble OTHER` reports. With min-risk/backoff/selective an unknown's answer falls back to its ancestor at
@@ -46,6 +51,9 @@ ood.ensemble.threshold that `taxonomist evaluate RUN --ensemble OTHER` reports. 
 --tta alone averages 4 views (identity, h-flip, v-flip, 180° turn: 'rot2+flip'); or name views:
 rot2 (the FathomNet 2nd place's 2 views), flip, rot4, d4, scales=0.875,1.0,1.125, joined with '+'.
 Put --tta after the checkpoints, or give it a spec, so that it does not swallow a checkpoint path.
+
+A model file is data: a checkpoint naming a backbone that imports code (module:PKG:FACTORY) is refused unless
+--trust-code. --out may not be one of the inputs (images CSV, annotations.csv, a model file, …).
 
 Chunks and resume: the input is predicted in chunks of --chunk-size rows whose decisions are written to
 OUT.parts/ as they finish (removed once OUT is written). After a kill, the same command with --resume keeps
@@ -70,9 +78,11 @@ def register(sub, formatter):
                    help="names an answer may take (default: see below)")
     p.add_argument("--thresholds", metavar="RANK=P,…", default=None,
                    help="backoff thresholds per rank (or depthN=P), or one number; default: the config ladder "
-                        "species 0.55 … kingdom 0.85")
+                        "species 0.55 … kingdom 0.85; rollup/common-ancestor: one number (0.65 / 0.78)")
     p.add_argument("--selective-threshold", type=float, default=None, metavar="P",
                    help="selective: answer the deepest node with P(node) >= P (default 0.5)")
+    p.add_argument("--top-k", type=int, default=None, metavar="N",
+                   help="rollup and common-ancestor: how many of the most probable labels count (default 5 and 15)")
     p.add_argument("--ood", choices=OOD_CHOICES, default=None, metavar="METHOD",
                    help=f"flag unknown taxa with an OOD score: {', '.join(OOD_CHOICES)}")
     group = p.add_mutually_exclusive_group()
@@ -104,6 +114,9 @@ def register(sub, formatter):
                    help="rows per chunk: the unit written to OUT.parts/, dealt to torchrun ranks and kept by --resume")
     p.add_argument("--resume", action="store_true",
                    help="keep the chunks an interrupted run with the same models, options and images finished")
+    p.add_argument("--trust-code", action="store_true",
+                   help="load checkpoints whose backbone imports code (module:PKG:FACTORY) or fetches it "
+                        "(open_clip:hf-hub:…); only for model files you trust (refused without it)")
     p.set_defaults(func=run)
 
 
@@ -121,11 +134,11 @@ def run(args) -> int:
             raise ConfigError(f"--weights {args.weights!r}: expected numbers separated by commas") from None
     summary = predict(
         args.checkpoints, args.images, args.out, decision=args.decision, candidates=args.candidates,
-        thresholds=args.thresholds, selective_threshold=args.selective_threshold, ood=args.ood,
+        thresholds=args.thresholds, selective_threshold=args.selective_threshold, top_k=args.top_k, ood=args.ood,
         ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback_level=args.ood_fallback,
         tta=args.tta, tta_mode=args.tta_mode, fmt=args.fmt, fill_unreadable=args.fill_unreadable,
         batch_size=args.batch_size, device=args.device, num_workers=args.workers,
         ensemble_mode=args.ensemble_mode, weights=weights, split=args.split, progress=sys.stderr.isatty(),
-        chunk_size=args.chunk_size, resume=args.resume, strict=args.strict)
+        chunk_size=args.chunk_size, resume=args.resume, strict=args.strict, trust_code=args.trust_code)
     print(summary.summary())
     return 0

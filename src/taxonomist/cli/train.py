@@ -21,6 +21,11 @@ If a step after training (calibrate, evaluate, report) fails, the model stays sa
 line naming the step and the command that redoes it, writes the traceback to RUN/errors.log and the state to
 RUN/run.json, and exits with status 3 (a failed training exits with 2). `--resume` on a run whose training
 finished runs only the steps after it.
+
+`out` must be new, empty or a taxonomist run (RUN/run.json or RUN/checkpoints); another non-empty folder is
+refused unless --force, an empty out, a filesystem root and the dataset folder always. A `module:` backbone in
+your config is imported (your choice); checkpoints that name code are loaded by evaluate/predict/serve/export
+only with --trust-code.
 """
 
 
@@ -31,6 +36,9 @@ def register(sub, formatter):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last epoch")
+    p.add_argument("--force", action="store_true",
+                   help="train into an `out` that exists, is not empty and is not a taxonomist run (refused "
+                        "otherwise, so that a dataset or another folder is not written over)")
     p.add_argument("--kfold", action="store_true",
                    help="train one model per value of the dataset's fold column (out/fold_K) and write "
                         "out-of-fold predictions")
@@ -60,11 +68,14 @@ def run(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    if cfg.decide.model_ood and not args.no_calibrate:
-        from taxonomist.inference.ood_model import check_model_ood
-        check_model_ood(cfg.decide.model_ood, None)  # a typo must fail now, not after the training
+    if not args.no_calibrate:  # a typo must fail now, not after the training
+        from taxonomist.inference.calibrate import check_temperature_objective
+        check_temperature_objective(cfg.decide.temperature)
+        if cfg.decide.model_ood:
+            from taxonomist.inference.ood_model import check_model_ood
+            check_model_ood(cfg.decide.model_ood, None)
     from taxonomist.pipeline import fit
-    result = fit(cfg, resume=args.resume, kfold=args.kfold, calibrate=not args.no_calibrate,
+    result = fit(cfg, resume=args.resume, force=args.force, kfold=args.kfold, calibrate=not args.no_calibrate,
                  evaluate=not args.no_eval, progress=sys.stderr.isatty(), log=_log)
     result.raise_for_failure()  # exit status 3: the model is saved, a step after training failed
     return 0

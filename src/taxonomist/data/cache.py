@@ -74,7 +74,7 @@ class ResizedCache:
             raise DataError(f"{index_path}: no image cache here; build it with ResizedCache.build")
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise DataError(f"{index_path}: not a valid cache index (delete the folder to rebuild it)") from None
         keys = ("version", "size", "resize", "interpolation", "root", "array", "entries", "failed")
         if not isinstance(index, dict) or any(k not in index for k in keys) or index["version"] != VERSION:

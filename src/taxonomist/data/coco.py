@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 import sys
@@ -25,6 +24,7 @@ from taxonomist.data.dataset import write_annotations
 from taxonomist.errors import ConfigError, DataError, UnknownLabelError
 from taxonomist.taxonomy import read_taxonomy, suggest, write_taxonomy
 from taxonomist.utils.files import atomic_path, atomic_write_text
+from taxonomist.utils.safe_parse import parse_json
 
 SKIPPED_CSV = "prepare_skipped.csv"
 IMAGE_FORMATS = {"jpeg": ("JPEG", ".jpg"), "png": ("PNG", ".png")}
@@ -65,12 +65,7 @@ def read_coco(path: str | Path) -> CocoFile:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: COCO file not found" if not path.exists() else f"{path}: is not a file")
-    try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text, so not a COCO JSON file") from None
+    data = parse_json(path.read_bytes(), str(path), DataError)  # one line for bad JSON, bad UTF-8, deep nesting
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with an 'images' list, got a {type(data).__name__}")
     if not isinstance(data.get("images"), list):
@@ -196,8 +191,9 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     x0 = np.clip(boxes[:, 0], 0, width)
     y0 = np.clip(boxes[:, 1], 0, height)
-    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
-    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
+    with np.errstate(over="ignore"):  # x + w beyond 1.8e308 is +inf, which the clip brings back to the frame
+        x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
+        y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
     return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
 
 
@@ -474,11 +470,13 @@ class _FrameCutter:
         result = _FrameResult()
         result.size_mismatch = (task.image.get("width"), task.image.get("height")) not in ((width, height), (None, None))
         boxes = clip_boxes(task.boxes, width, height)
-        keep = (boxes[:, 2] > self.min_size) & (boxes[:, 3] > self.min_size)
+        # below one pixel after clipping there is nothing to cut, whatever min_size says (a 0-px crop would fail)
+        keep = (boxes[:, 2] > self.min_size) & (boxes[:, 3] > self.min_size) & (boxes[:, 2:] >= 1).all(axis=1)
         for j in np.flatnonzero(~keep):
             w, h = boxes[j, 2:]
             reason = ("box has no area" if min(task.boxes[j, 2:]) <= 0 else
                       "box outside the frame" if w <= 0 or h <= 0 else
+                      f"box {w:g}×{h:g} px after clipping is below one pixel" if min(w, h) < 1 else
                       f"box {w:g}×{h:g} px after clipping is not larger than min_size {self.min_size:g}")
             result.degenerate.append((task.indices[j], f"{reason} (bbox {task.boxes[j].tolist()}, "
                                                        f"frame {width}×{height})"))

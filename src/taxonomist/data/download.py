@@ -9,6 +9,7 @@ import csv
 import email.utils
 import http.client
 import io
+import ipaddress
 import os
 import random
 import socket
@@ -30,6 +31,7 @@ from taxonomist import __version__
 from taxonomist.data.coco import read_coco, safe_relative_path, stays_inside
 from taxonomist.errors import ConfigError
 from taxonomist.utils.files import atomic_write_bytes, atomic_write_text
+from taxonomist.utils.safe_parse import shorten
 
 FAILURES_CSV = "download_failures.csv"
 URL_KEYS = ("coco_url", "flickr_url", "url")
@@ -39,6 +41,10 @@ SCHEMES = ("http", "https")
 MAX_IMAGE_BYTES = 100 * 2**20
 # characters a URL may keep as they are; the rest (spaces, non-ASCII) are percent-encoded
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~-._"
+#: the longest file or folder name (bytes) that Linux, macOS and Windows file systems accept; a file is first
+#: written as `.NAME.XXXXXXXX.tmp`, 14 bytes longer, so its own name may have 14 bytes fewer
+NAME_MAX = 255
+_TEMP_OVERHEAD = 14
 
 
 @dataclass
@@ -66,8 +72,8 @@ class DownloadSummary:
     def __str__(self) -> str:
         lines = [f"{self.total} images → {self.out_dir}: {self.downloaded} downloaded ({self.bytes / 1e6:.1f} MB), "
                  f"{self.skipped} already present, {self.failed} failed ({self.seconds:.1f} s)"]
-        for name, url, reason in self.failures[:10]:
-            lines.append(f"  failed {name}: {reason} ({url or 'no URL'})")
+        for name, url, reason in self.failures[:10]:  # names and URLs come from the COCO file: cut them
+            lines.append(f"  failed {shorten(name)[1:-1]}: {reason} ({shorten(url)[1:-1] or 'no URL'})")
         if self.failed > 10:
             lines.append(f"  … {self.failed - 10} more")
         if self.failures_csv:
@@ -91,6 +97,79 @@ class _Stopped(Exception):
     """The run is being interrupted; the worker gives up without writing anything."""
 
 
+class _RefusedAddress(OSError):
+    """The host of a URL resolves to a loopback, link-local, private or other non-public address."""
+
+
+def _public_addresses(host: str, port: int) -> list[tuple]:
+    """`socket.getaddrinfo(host, port)`, or `_RefusedAddress` when any of its addresses is not a public one: a COCO
+    file must not make this machine fetch from itself or its network (SSRF)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        kind = _address_kind(ip)
+        if kind is not None:
+            shown = "" if host.strip("[]") == str(ip) else f" resolves to {ip}, which"
+            raise _RefusedAddress(f"refused: {shorten(host)[1:-1]}{shown} is a {kind} address "
+                                  "(--allow-private-addresses permits it)")
+    return infos
+
+
+def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """None for a public (global unicast) address, else what it is: loopback, link-local, private, …"""
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
+        ip = ip.ipv4_mapped
+    if ip.is_global and not ip.is_multicast:
+        return None
+    return ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local else "multicast" if ip.is_multicast
+            else "unspecified" if ip.is_unspecified else "private" if ip.is_private else "non-public")
+
+
+def _connect_public(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    """`socket.create_connection`, to a vetted address: the name is resolved once, here, so that a second answer
+    from DNS (rebinding) cannot swap a public address for a private one between the check and the connection."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in _public_addresses(host, port):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            error = e
+            sock.close()
+    raise error or OSError(f"no address for {host}")
+
+
+class _PublicOnly:
+    """Mixed into urllib's HTTP(S) handlers: every connection, redirects included, goes to a public address."""
+
+    def do_open(self, http_class, req, **kwargs):
+        target = urllib.parse.urlsplit(req.full_url)
+        if req.host != target.netloc:
+            # through a proxy (http_proxy / https_proxy): the proxy connects, so the name is checked here
+            _public_addresses(target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+            return super().do_open(http_class, req, **kwargs)
+
+        def connection(*args, **kw):
+            conn = http_class(*args, **kw)
+            conn._create_connection = _connect_public  # http.client's hook for opening the socket
+            return conn
+        return super().do_open(connection, req, **kwargs)
+
+
+class _PublicHTTPHandler(_PublicOnly, urllib.request.HTTPHandler):
+    pass
+
+
+class _PublicHTTPSHandler(_PublicOnly, urllib.request.HTTPSHandler):
+    pass
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """urllib follows redirects to ftp:// too; an image URL has no business leaving http(s)."""
 
@@ -103,7 +182,8 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: int = 8, retries: int = 4,
                          timeout: float = 30.0, progress: bool = False, backoff: float = 0.5,
-                         max_backoff: float = 60.0, max_bytes: int = MAX_IMAGE_BYTES) -> DownloadSummary:
+                         max_backoff: float = 60.0, max_bytes: int = MAX_IMAGE_BYTES,
+                         allow_private_addresses: bool = False) -> DownloadSummary:
     """Download every image of a COCO file into `out_dir/<file_name>` and say what happened.
 
     Each image's `coco_url` (else `flickr_url`, `url`) is fetched by one of `workers` threads. HTTP 5xx,
@@ -113,8 +193,11 @@ def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: in
     (temp + rename) only after it decoded; one already present and decodable is skipped, so re-running
     after a kill fetches only what is missing. A `file_name` that would leave `out_dir` and URLs that are
     not http(s) are refused, also as redirect targets, and so is a file_name whose folder is a symlink leading
-    out of `out_dir`; a body over `max_bytes` is refused without reading the rest. Failures are listed in the
-    summary and in `out_dir/download_failures.csv`.
+    out of `out_dir`; a body over `max_bytes` is refused without reading the rest. A file or folder name over
+    255 bytes (241 for the file itself) is refused. A URL whose host resolves to a loopback, link-local, private or
+    other non-public address is refused, also as a redirect target, unless `allow_private_addresses` (a mirror
+    on the local network, a test server). Each refusal is one failure; failures are listed in the summary and in
+    `out_dir/download_failures.csv`.
 
     >>> summary = download_coco_images("dataset_test.json", "fathomnet/images", workers=16)  # doctest: +SKIP
     >>> summary.ok, summary.downloaded + summary.skipped                                    # doctest: +SKIP
@@ -139,6 +222,10 @@ def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: in
         if rel is None:
             summary.failures.append((name, url, "refused: file_name would escape the output folder"))
             continue
+        unwritable = _unwritable_name(rel)
+        if unwritable:
+            summary.failures.append((name, url, unwritable))
+            continue
         if name in jobs:
             if jobs[name][1] != url:
                 summary.failures.append((name, url, f"refused: file_name also used by another image with URL "
@@ -160,7 +247,8 @@ def download_coco_images(coco_json: str | Path, out_dir: str | Path, workers: in
     _remove_stale_temporaries([target for target, _ in jobs.values()])
 
     fetcher = _Fetcher(retries=retries, timeout=float(timeout), backoff=float(backoff),
-                       max_backoff=float(max_backoff), max_bytes=max_bytes)
+                       max_backoff=float(max_backoff), max_bytes=max_bytes,
+                       allow_private_addresses=allow_private_addresses)
     bar = tqdm(total=len(jobs), desc="download", unit="img", file=sys.stderr,
                disable=not progress or not sys.stderr.isatty())
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
@@ -197,20 +285,22 @@ class _Fetcher:
     """One image: skip if already good, else GET with retries, verify, write atomically. Thread-safe."""
 
     def __init__(self, retries: int, timeout: float, backoff: float, max_backoff: float,
-                 max_bytes: int = MAX_IMAGE_BYTES):
+                 max_bytes: int = MAX_IMAGE_BYTES, allow_private_addresses: bool = False):
         self.retries, self.timeout, self.backoff, self.max_backoff = retries, timeout, backoff, max_backoff
         self.max_bytes = max_bytes
         self.stop = threading.Event()
-        self.opener = urllib.request.build_opener(_HttpOnlyRedirects)
+        guards = () if allow_private_addresses else (_PublicHTTPHandler, _PublicHTTPSHandler)
+        self.opener = urllib.request.build_opener(_HttpOnlyRedirects, *guards)
         self.headers = {"User-Agent": f"taxonomist/{__version__} (+python urllib)", "Accept": "image/*,*/*;q=0.5"}
 
     def fetch(self, target: Path, url: str) -> tuple[str, int | str]:
-        """("skipped", 0), ("downloaded", nbytes) or ("failed", reason); never raises for network trouble."""
-        if target.is_file() and image_problem(target.read_bytes()) is None:
-            return "skipped", 0
+        """("skipped", 0), ("downloaded", nbytes) or ("failed", reason); never raises for network or disk trouble,
+        so one bad file is one failure, not the end of the run."""
         reason = ""
         attempts = 0
         try:
+            if target.is_file() and image_problem(target.read_bytes()) is None:
+                return "skipped", 0
             for attempt in range(self.retries + 1):
                 if self.stop.is_set():
                     raise _Stopped
@@ -255,9 +345,13 @@ class _Fetcher:
             if e.code == 429 or e.code == 408 or e.code >= 500:
                 raise _Retryable(f"HTTP {e.code} {e.reason}", retry_after) from None
             raise _Permanent(f"HTTP {e.code} {e.reason}") from None
+        except _RefusedAddress as e:  # checked before connecting through a proxy
+            raise _Permanent(str(e)) from None
         except http.client.IncompleteRead as e:
             raise _Retryable(f"truncated body ({len(e.partial)} of {expected or '?'} bytes)") from None
         except urllib.error.URLError as e:
+            if isinstance(e.reason, _RefusedAddress):
+                raise _Permanent(str(e.reason)) from None
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 raise _Retryable(f"timed out after {self.timeout:g} s") from None
             if isinstance(e.reason, (ValueError, http.client.InvalidURL)):
@@ -284,6 +378,20 @@ class _Fetcher:
             total += len(chunk)
             if total > self.max_bytes:
                 raise _Permanent(f"refused: the body is over the {self.max_bytes}-byte limit")
+
+
+def _unwritable_name(rel) -> str | None:
+    """Why a relative path cannot be written (a name over NAME_MAX bytes, a lone surrogate), or None."""
+    for i, part in enumerate(rel.parts):
+        limit = NAME_MAX - _TEMP_OVERHEAD if i == len(rel.parts) - 1 else NAME_MAX
+        try:
+            size = len(os.fsencode(part))
+        except UnicodeEncodeError:
+            return f"refused: the name {shorten(part, 40)} has characters a file name cannot hold"
+        if size > limit:
+            return (f"refused: the name {shorten(part, 40)} is {size} bytes, over the {limit}-byte limit of "
+                    f"{'a file name' if i == len(rel.parts) - 1 else 'a folder name'}")
+    return None
 
 
 def image_problem(data: bytes) -> str | None:
@@ -348,5 +456,6 @@ def _write_failures(path: Path, failures: list[tuple[str, str, str]]) -> Path | 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file_name", "url", "reason"])
-    writer.writerows(failures)
+    # a name from the COCO file may hold a lone surrogate (valid JSON, not UTF-8): written as \udXXX
+    writer.writerows([[v.encode("utf-8", "backslashreplace").decode("utf-8") for v in row] for row in failures])
     return atomic_write_text(path, buf.getvalue())

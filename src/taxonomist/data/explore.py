@@ -15,6 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from taxonomist.data.dataset import load_dataset
+from taxonomist.data.images import open_first_frame
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import Level, Taxonomy
 from taxonomist.utils.files import atomic_path, atomic_write_json
@@ -148,7 +149,8 @@ def inspect_images(paths: list[Path], hash_size: int = HASH_SIZE, progress: bool
     """Per file: sha1 of the bytes, width and height, a packed perceptual hash, and an error (or "").
 
     The JPEG decoder is asked for a reduced-scale decode (`Image.draft`), so a 4k frame costs about what
-    a thumbnail does. A hash of an almost uniform image carries no information; `uniform` marks those so
+    a thumbnail does. An animated or multi-page file is its first frame, as in train, predict and serve
+    (`data.images`); one whose first frame exceeds the pixel budget is listed as an error, not decoded. A hash of an almost uniform image carries no information; `uniform` marks those so
     that blank frames are not all reported as near duplicates of each other.
 
     Example:
@@ -178,10 +180,9 @@ def inspect_images(paths: list[Path], hash_size: int = HASH_SIZE, progress: bool
             continue
         sha1[i] = hashlib.sha1(raw).hexdigest()
         try:
-            with Image.open(io.BytesIO(raw)) as im:
+            # the frame rule and pixel budget of train, predict and serve: only the first frame is decoded
+            with open_first_frame(io.BytesIO(raw)) as im:
                 width[i], height[i] = im.size
-                if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # PIL itself only refuses above twice that
-                    raise Image.DecompressionBombError(f"image too large ({im.width}×{im.height} px)")
                 im.draft("L", (side, side))
                 hashes[i], uniform[i] = _phash(im, hash_size)
         except _IMAGE_ERRORS as e:

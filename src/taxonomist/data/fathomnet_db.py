@@ -423,7 +423,7 @@ def _cache_file(cache: Path, name: str) -> Path:
 def _read_cache(path: Path, name: str) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         data = None
     if not isinstance(data, dict) or data.get("concept") != name or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: corrupt cache entry for {name!r}; delete it to fetch the concept again")

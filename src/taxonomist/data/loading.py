@@ -21,24 +21,28 @@ from torchvision.transforms.v2 import functional as F
 
 from taxonomist.data.cache import ResizedCache, default_cache_size
 from taxonomist.data.dataset import Dataset
+from taxonomist.data.images import (
+    GIF_MAGIC,
+    MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    declared_size,
+    open_first_frame,
+)
 from taxonomist.data.transforms import build_transforms, eval_resize_size, to_square
 from taxonomist.errors import ConfigError, DataError
 
 __all__ = [
     "ResizedCache", "SkippedImage", "TaxonDataset", "TaxonLoader", "UnreadableImageError", "auto_num_workers",
     "batch_random_flips", "batch_resize_normalize", "build_loader", "build_transforms", "class_counts",
-    "collate", "decode_jpeg_batch_cuda", "default_cache_size", "make_weighted_sampler", "read_image",
+    "collate", "decode_image_data", "decode_jpeg_batch_cuda", "declared_size", "default_cache_size",
+    "make_weighted_sampler", "read_image", "MAX_IMAGE_PIXELS",
 ]
 
 log = logging.getLogger("taxonomist.data")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-#: images declaring more pixels than this are refused before decoding (PIL's decompression-bomb limit,
-#: ≈ 13,400² px, 0.5 GB as RGB): a forged 60,000² header would otherwise make the decoder allocate ~10 GB
-MAX_IMAGE_PIXELS = 178_956_970
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not frames
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# MAX_IMAGE_PIXELS and declared_size live in the torch-free `data.images` (with the frame rule); kept importable here
 
 
 class UnreadableImageError(DataError):
@@ -62,13 +66,11 @@ class SkippedImage(NamedTuple):
 
 # --- decoding ----------------------------------------------------------------------------------------------
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor of shape (3, H, W).
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor of shape (3, H, W) (`decode_image_data` on its bytes).
 
-    torchvision.io decodes JPEG, PNG, WebP and GIF (grey and RGBA become RGB, EXIF orientation applied,
-    16-bit PNG scaled to 8 bits); anything else (TIFF, BMP, …) goes through PIL. Raises
-    `UnreadableImageError` (a DataError) naming the file when it is missing, empty or corrupt, or when its
-    header declares more than `MAX_IMAGE_PIXELS` pixels (checked before any pixel is decoded).
+    Raises `UnreadableImageError` (a DataError) naming the file when it is missing, empty or corrupt, or when
+    its first frame has more than `max_pixels` pixels (checked before any pixel is decoded).
 
     >>> read_image("images/a.jpg").shape        # doctest: +SKIP
     torch.Size([3, 480, 640])
@@ -84,88 +86,86 @@ def read_image(path: str | Path) -> torch.Tensor:
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file") from None
         raise UnreadableImageError(path, "cannot read the file") from None
-    size = declared_size(bytes(data[:_HEADER_BYTES].numpy()), data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise UnreadableImageError(path, _too_large(*size))
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError as e:
-        image = _decode_with_pil(path, _clean_reason(str(e)))
+    return decode_image_data(data, path, max_pixels)
+
+
+def decode_image_data(data: torch.Tensor, source: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """The bytes of an image file (a uint8 tensor) → uint8 RGB (3, H, W): the one decoder of train, predict and
+    serve (`deploy.serve.uploads.decode_upload`), so that they all see the same pixels.
+
+    The first frame is the image (`data.images.FRAME_RULE`) and only it is decoded: the pixel budget
+    `max_pixels` counts that frame, read from the header before decoding. torchvision.io decodes JPEG and still
+    WebP; PIL decodes the rest: PNG (an APNG's default image; torchvision 0.29 crashes the process on a PNG
+    whose image data is corrupt, a bad CRC or filter byte), GIF (torchvision would decode every frame),
+    animated WebP, TIFF, BMP. Either way grey and RGBA become RGB, EXIF orientation is applied and 16-bit
+    samples are scaled to 8 bits. Raises `UnreadableImageError` naming `source`.
+
+    >>> gif = read_file("animated.gif")                           # doctest: +SKIP
+    >>> decode_image_data(gif, "animated.gif").shape               # doctest: +SKIP
+    torch.Size([3, 240, 320])
+    """
+    if data.numel() == 0:
+        raise UnreadableImageError(source, "empty file")
+    head = bytes(data[:_HEADER_BYTES].numpy())
+    size = declared_size(head, data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise UnreadableImageError(source, str(ImageTooLarge(*size, max_pixels)))
+    if head[:6] in GIF_MAGIC or head[:8] == _PNG_MAGIC:
+        image = _decode_with_pil(data, source, "", max_pixels)
+    else:
+        try:
+            image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError as e:
+            image = _decode_with_pil(data, source, _clean_reason(str(e)), max_pixels)
     if image.dtype != torch.uint8:
         image = F.to_dtype(image, torch.uint8, scale=True)
     return image
 
 
-def _decode_with_pil(path: Path, torch_reason: str) -> torch.Tensor:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _decode_with_pil(data: torch.Tensor, source: str | Path, torch_reason: str, max_pixels: int) -> torch.Tensor:
+    import io
+
+    from PIL import ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise UnreadableImageError(path, _too_large(im.width, im.height))
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            array = np.asarray(im)
-    except Image.DecompressionBombError:
-        raise UnreadableImageError(path, _too_large(None, None)) from None
+        with open_first_frame(io.BytesIO(data.numpy()), max_pixels) as im:
+            ImageOps.exif_transpose(im, in_place=True)   # in place: no copy of a frame that needs no turn
+            array = _rgb_array(im)
+    except ImageTooLarge as e:
+        raise UnreadableImageError(source, str(e)) from None
     except UnidentifiedImageError:
-        reason = torch_reason if "Unsupported image file" not in torch_reason else "not an image (unknown format)"
-        raise UnreadableImageError(path, f"cannot decode image: {reason}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's truncated / broken-header errors
+        reason = torch_reason if torch_reason and "Unsupported image file" not in torch_reason \
+            else "not an image (unknown format)"
+        raise UnreadableImageError(source, f"cannot decode image: {reason}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's truncated / broken-header errors
         # when torchvision knew the format, its reason ("Image is incomplete or truncated") reads better
-        reason = str(e) if "Unsupported image file" in torch_reason else torch_reason
-        raise UnreadableImageError(path, f"cannot decode image: {reason}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        reason = str(e) if not torch_reason or "Unsupported image file" in torch_reason else torch_reason
+        raise UnreadableImageError(source, f"cannot decode image: {reason}") from None
+    # a (3, H, W) view of the HWC array, as torchvision's decoders return it: no third copy of a large frame
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _rgb_array(im) -> np.ndarray:
+    """A PIL image → writable uint8 (H, W, 3). Grey, 1-bit and palette images are expanded in numpy, which
+    takes ~5 bytes per pixel at the peak where `convert("RGB")` (4 bytes per pixel in PIL) and a copy take 8."""
+    mode = im.mode
+    if mode in ("1", "L"):
+        grey = np.array(im, dtype=np.uint8)
+        if mode == "1":
+            grey *= 255
+    elif mode.startswith("I;16") or mode == "I":   # 16-bit grey: scaled to 8 bits, as torchvision scales it
+        grey = np.clip(np.asarray(im, dtype=np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)
+    elif mode == "P" and im.palette is not None and im.palette.mode == "RGB":
+        palette = np.zeros((256, 3), dtype=np.uint8)
+        colours = np.frombuffer(bytes(im.getpalette("RGB")), dtype=np.uint8).reshape(-1, 3)[:256]
+        palette[:len(colours)] = colours
+        return palette[np.asarray(im)]
+    else:
+        return np.array(im.convert("RGB"))
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 _HEADER_BYTES = 64 * 1024
-
-
-def _too_large(width: int | None, height: int | None) -> str:
-    size = f"declares {width}×{height} px, " if width else ""
-    return f"image too large ({size}more than {MAX_IMAGE_PIXELS:,} px; a decompression bomb?)"
-
-
-def declared_size(head: bytes, data: torch.Tensor | None = None) -> tuple[int, int] | None:
-    """(width, height) that a JPEG, PNG, GIF or WebP header declares, read without decoding; None for other
-    formats or a header cut short. `head` is the file's first bytes; `data` the whole file, for JPEGs whose
-    frame header sits behind large EXIF or ICC segments.
-
-    >>> declared_size(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000280000001e0"))
-    (640, 480)
-    """
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
-        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
-        chunk = head[12:16]
-        if chunk == b"VP8X":
-            return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
-        if chunk == b"VP8L":
-            bits = int.from_bytes(head[21:25], "little")
-            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        if chunk == b"VP8 ":
-            return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
-        return None
-    if head[:3] == _JPEG_MAGIC:
-        buf = head if data is None or len(data) <= len(head) else bytes(data.numpy())
-        pos = 2
-        while pos + 9 <= len(buf):
-            if buf[pos] != 0xFF:
-                return None
-            marker = buf[pos + 1]
-            if marker == 0xFF:          # fill byte
-                pos += 1
-                continue
-            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:   # no length field
-                pos += 2
-                continue
-            if marker in _JPEG_SOF:
-                return int.from_bytes(buf[pos + 7:pos + 9], "big"), int.from_bytes(buf[pos + 5:pos + 7], "big")
-            if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-                return None
-            pos += 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
-    return None
 
 
 def _clean_reason(message: str) -> str:
@@ -498,7 +498,9 @@ def decode_jpeg_batch_cuda(paths: Sequence[str | Path], device: str | torch.devi
                 data = read_file(str(path))
             except RuntimeError:
                 continue  # read_image below reports why
-            if bytes(data[:3].tolist()) == _JPEG_MAGIC:
+            size = declared_size(bytes(data[:_HEADER_BYTES].numpy()), data)
+            # a JPEG over the pixel budget is left to read_image below, which refuses it before decoding
+            if bytes(data[:3].tolist()) == _JPEG_MAGIC and size is not None and size[0] * size[1] <= MAX_IMAGE_PIXELS:
                 on_gpu.append(i)
                 datas.append(data)
         if datas:

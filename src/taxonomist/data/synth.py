@@ -210,7 +210,7 @@ def _prepare_out_dir(out: Path, params: dict) -> None:
         try:
             previous = json.loads(marker.read_text(encoding="utf-8"))
             ours = previous.get("generator") == "taxonomist data synth"
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             ours = False
         if not ours:
             raise DataError(f"{out}: directory is not empty and holds no earlier synth output ({MARKER}); "

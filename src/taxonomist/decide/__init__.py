@@ -11,31 +11,32 @@ Works on numpy arrays only (no torch), so it serves any model's outputs.
 ('A', 1.4)
 """
 from taxonomist.decide._arrays import log_softmax, softmax
-from taxonomist.decide.calibration import (apply_temperature, check_temperature, expected_calibration_error,
-                                           fit_temperature)
+from taxonomist.decide.calibration import (TEMPERATURE_OBJECTIVES, apply_temperature, check_temperature,
+                                           expected_calibration_error, fit_temperature, fit_temperature_for)
 from taxonomist.decide.candidates import CANDIDATE_KEYWORDS, candidate_mask, candidate_nodes
 from taxonomist.decide.ensemble import (COMBINE_MODES, VIEW_MODES, aggregate_views, combine_probs,
                                         fit_ensemble_weights)
-from taxonomist.decide.ood import (OOD_METHODS, OOD_SCORERS, EnergyScorer, KNNScorer, MahalanobisScorer,
-                                   MaxLogitScorer, MSPScorer, OODScorer, STACK_SCORES, build_ood_scorer,
+from taxonomist.decide.ood import (AUTO_OOD_METHOD, OOD_METHODS, OOD_SCORERS, STACK_SCORES, EnergyScorer, KNNScorer,
+                                   MahalanobisScorer, MaxLogitScorer, MSPScorer, OODScorer, build_ood_scorer,
                                    ensemble_disagreement, load_ood_scorer, mutual_information, ood_fallback,
-                                   ood_metrics, predictive_entropy, stack_score, threshold_for_tpr,
-                                   threshold_metrics, variation_ratio)
-from taxonomist.decide.rules import (DECISIONS, Decisions, ancestor_operator, argmax_decision, backoff_decision,
-                                     coverage_risk_curve, decide, default_thresholds, expected_distance,
-                                     hierarchical_coverage, min_risk_decision, node_probabilities, node_thresholds,
-                                     selective_decision, undominated_candidates)
+                                   ood_metrics, predictive_entropy, resolve_ood_method, stack_score,
+                                   threshold_for_tpr, threshold_metrics, variation_ratio)
+from taxonomist.decide.heuristics import common_ancestor_decision, rollup_decision
+from taxonomist.decide.rules import (DECISIONS, Decisions, argmax_decision, backoff_decision, coverage_risk_curve,
+                                     decide, default_thresholds, expected_distance, hierarchical_coverage,
+                                     min_risk_decision, node_thresholds, selective_decision, undominated_candidates)
+from taxonomist.decide.tree_sums import ancestor_operator, node_probabilities
 
 __all__ = [
     "softmax", "log_softmax",
-    "fit_temperature", "apply_temperature", "check_temperature", "expected_calibration_error",
+    "fit_temperature", "fit_temperature_for", "TEMPERATURE_OBJECTIVES", "apply_temperature", "check_temperature", "expected_calibration_error",
     "CANDIDATE_KEYWORDS", "candidate_nodes", "candidate_mask",
     "COMBINE_MODES", "VIEW_MODES", "combine_probs", "fit_ensemble_weights", "aggregate_views",
-    "OOD_METHODS", "OOD_SCORERS", "OODScorer", "MSPScorer", "MaxLogitScorer", "EnergyScorer", "MahalanobisScorer",
+    "OOD_METHODS", "OOD_SCORERS", "AUTO_OOD_METHOD", "resolve_ood_method", "OODScorer", "MSPScorer", "MaxLogitScorer", "EnergyScorer", "MahalanobisScorer",
     "KNNScorer", "build_ood_scorer", "load_ood_scorer", "ood_metrics", "threshold_for_tpr", "threshold_metrics",
     "ood_fallback", "STACK_SCORES", "predictive_entropy", "mutual_information", "variation_ratio", "stack_score",
     "ensemble_disagreement",
     "DECISIONS", "Decisions", "decide", "argmax_decision", "min_risk_decision", "expected_distance",
-    "backoff_decision", "selective_decision", "coverage_risk_curve", "hierarchical_coverage", "node_probabilities",
+    "backoff_decision", "selective_decision", "rollup_decision", "common_ancestor_decision", "coverage_risk_curve", "hierarchical_coverage", "node_probabilities",
     "node_thresholds", "default_thresholds", "ancestor_operator", "undominated_candidates",
 ]

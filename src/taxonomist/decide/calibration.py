@@ -103,3 +103,59 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     conf_sum = np.bincount(idx, weights=conf, minlength=bins)
     acc_sum = np.bincount(idx, weights=ok, minlength=bins)
     return float(np.abs(acc_sum - conf_sum).sum() / len(conf))
+
+
+#: What a temperature can be fitted for: the NLL of the labels (the usual temperature scaling), the NLL of the
+#: true label's ancestors (every level of the tree counts), or the validation risk of the min-risk rule.
+TEMPERATURE_OBJECTIVES = ("nll", "node-nll", "risk")
+#: Temperatures the `risk` objective tries: a log-spaced grid (the risk is piecewise constant in T).
+RISK_GRID = tuple(float(t) for t in np.geomspace(0.25, 4.0, 41))
+
+
+def fit_temperature_for(logits: np.ndarray, targets: np.ndarray, objective: str = "nll", taxonomy=None,
+                        distance_lc: np.ndarray | None = None, candidates=None) -> float:
+    """The temperature that serves `objective` on held-out data.
+
+    - `nll`: `fit_temperature` — the NLL of the labels.
+    - `node-nll`: the mean over examples of −Σ log P_T(v) for every node v on the true label's lineage (P(v) the
+      sum of the probabilities of the labels at or below v), so that the probabilities of internal nodes —
+      what min-risk, back-off and selective answers read — are calibrated too. Needs `taxonomy`.
+    - `risk`: the mean distance of the min-risk answers (over `candidates`, default every node) to the truth,
+      minimised over `RISK_GRID`; ties go to the temperature nearest 1. Needs `taxonomy` and `distance_lc`
+      (labels × candidates). Min-risk's answers move a lot with T: fit it when min-risk is the rule in use.
+
+    Whatever the objective, T = 1 is kept when it does at least as well on it as the fitted value.
+    """
+    if objective not in TEMPERATURE_OBJECTIVES:
+        raise ConfigError(f"temperature objective {objective!r}: choose one of {', '.join(TEMPERATURE_OBJECTIVES)}")
+    if objective == "nll":
+        return fit_temperature(logits, targets)
+    if taxonomy is None:
+        raise ConfigError(f"the {objective} temperature objective needs the taxonomy")
+    z = as_matrix(logits, "logits").astype(np.float64, copy=False)
+    y = as_targets(targets, len(z), z.shape[1])
+    if objective == "node-nll":
+        from taxonomist.decide.tree_sums import ancestor_operator
+        lineage = ancestor_operator(taxonomy).tocsr()                         # (L, nodes): label → its lineage
+        op_t = lineage.T.tocsr()                                              # (nodes, L): node → labels under it
+        on_lineage = [lineage[k].indices for k in y]
+
+        def node_nll(t: float) -> float:
+            node_p = np.asarray(op_t @ softmax(z / t).T).T                    # (N, nodes)
+            picked = np.concatenate([node_p[i, nodes] for i, nodes in enumerate(on_lineage)])
+            return float(-np.log(np.maximum(picked, 1e-300)).sum() / len(y))
+        lo, hi = TEMPERATURE_BOUNDS
+        result = minimize_scalar(lambda u: node_nll(math.exp(u)), bounds=(math.log(lo), math.log(hi)),
+                                 method="bounded", options={"xatol": 1e-4})
+        t = float(min(max(math.exp(result.x), lo), hi))
+        return t if node_nll(t) < node_nll(1.0) else 1.0
+    if distance_lc is None:
+        raise ConfigError("the risk temperature objective needs distance_lc (labels × candidates)")
+    from taxonomist.decide.rules import min_risk_decision
+    d = as_matrix(distance_lc, "distance_lc", n_rows=z.shape[1])
+
+    def risk(t: float) -> float:
+        choice, _ = min_risk_decision(softmax(z / t), d)
+        return float(d[y, choice].mean())
+    scored = [(risk(t), abs(math.log(t)), t) for t in (*RISK_GRID, 1.0)]
+    return min(scored)[2]

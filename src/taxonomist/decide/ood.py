@@ -1,6 +1,6 @@
-"""Out-of-distribution scores (higher = more likely an unknown taxon), their metrics and thresholds.
-
-Scorers are fitted on training features/logits and stored as a flat dict of numpy arrays (safetensors-ready).
+"""Out-of-distribution scores (higher = more likely an unknown taxon): the registry of the scorers stored with a
+checkpoint (`ood_scorers`), scores over several passes or models, their metrics, thresholds and the fallback of
+a flagged answer to an ancestor.
 """
 from __future__ import annotations
 
@@ -12,258 +12,34 @@ from scipy.stats import rankdata
 
 from taxonomist.decide._arrays import as_matrix, as_probs, as_targets, as_vector, chunk_rows, softmax
 from taxonomist.decide.candidates import candidate_mask
-from taxonomist.decide.rules import ancestor_operator, _aggregate, _deepest
+from taxonomist.decide.ood_scorers import (EnergyScorer, KNNScorer, MahalanobisScorer, MaxLogitScorer, MSPScorer,
+                                           OODScorer, ReActEnergyScorer, RelativeMahalanobisScorer, ViMScorer,
+                                           check_positive)
+from taxonomist.decide.tree_sums import ancestor_operator, deepest_true, node_sums
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import RANKS, Taxonomy, suggest
 from taxonomist.taxonomy.core import RANK_INDEX
 
 
-class OODScorer:
-    """Base class. `fit` on training data, then `score` new examples: higher means more unknown.
-
-    Logit scorers (msp, max-logit, energy) ignore `features`; feature scorers (mahalanobis, knn) ignore
-    `logits`; pass None for what a scorer does not use.
-    """
-
-    method = ""
-    uses_features = False
-    uses_logits = False
-
-    def fit(self, features: np.ndarray | None, logits: np.ndarray | None, targets: np.ndarray) -> "OODScorer":
-        return self
-
-    def score(self, features: np.ndarray | None, logits: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {}
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, np.ndarray]) -> "OODScorer":
-        return cls()
-
-    def _logits(self, logits) -> np.ndarray:
-        if logits is None:
-            raise DataError(f"the {self.method} OOD score needs logits, got None")
-        return as_matrix(logits, "logits")
-
-    def _features(self, features, n_dims: int | None = None) -> np.ndarray:
-        if features is None:
-            raise DataError(f"the {self.method} OOD score needs features, got None")
-        return as_matrix(features, "features", n_cols=n_dims)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-def _state_scalar(state: Mapping[str, np.ndarray], key: str, method: str) -> float:
-    if key not in state:
-        raise DataError(f"the {method} OOD state has no {key!r} entry (keys: {', '.join(sorted(state)) or 'none'})")
-    return float(np.asarray(state[key]).reshape(-1)[0])
-
-
-class MSPScorer(OODScorer):
-    """Maximum softmax probability (Hendrycks & Gimpel 2017): score = −max softmax(logits / T)."""
-
-    method = "msp"
-    uses_logits = True
-
-    def __init__(self, temperature: float = 1.0):
-        self.temperature = _positive(temperature, "temperature")
-
-    def fit(self, features, logits, targets):
-        # nothing to learn: the score reads each example's own logits; fit only checks the input
-        z = self._logits(logits)
-        if targets is not None:
-            as_targets(targets, len(z), z.shape[1])
-        return self
-
-    def score(self, features, logits):
-        z = self._logits(logits).astype(np.float64, copy=False)
-        return -softmax(z / self.temperature).max(axis=1)
-
-    def state_dict(self):
-        return {"temperature": np.array(self.temperature)}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        return cls(_state_scalar(state, "temperature", cls.method))
-
-
-class MaxLogitScorer(MSPScorer):
-    """Maximum logit (Hendrycks et al. 2022): score = −max logit."""
-
-    method = "max-logit"
-
-    def __init__(self):
-        self.temperature = 1.0
-
-    def score(self, features, logits):
-        return -self._logits(logits).astype(np.float64, copy=False).max(axis=1)
-
-    def state_dict(self):
-        return {}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        return cls()
-
-
-class EnergyScorer(MSPScorer):
-    """Energy (Liu et al. 2020): score = E(x) = −T · log Σ_k exp(logit_k / T), T = 1 by default."""
-
-    method = "energy"
-
-    def score(self, features, logits):
-        z = self._logits(logits).astype(np.float64, copy=False) / self.temperature
-        top = z.max(axis=1)
-        return -self.temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
-
-
-class MahalanobisScorer(OODScorer):
-    """Mahalanobis distance to the nearest class mean (Lee et al. 2018): one Gaussian per class, shared covariance.
-
-    The covariance is pooled over the classes' centred features; a ridge of `ridge` × its mean eigenvalue keeps
-    the inverse finite when features are collinear (more dimensions than examples, dead units).
-    Score = min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c), computed as a squared Euclidean distance after whitening.
-    """
-
-    method = "mahalanobis"
-    uses_features = True
-
-    def __init__(self, ridge: float = 1e-6):
-        self.ridge = _positive(ridge, "ridge", allow_zero=True)
-        self.whitener: np.ndarray | None = None   # (D, D): Σ⁻¹ = W Wᵀ
-        self.means: np.ndarray | None = None      # (K, D) whitened class means
-        self.classes: np.ndarray | None = None    # (K,) the target values seen in fit
-
-    def fit(self, features, logits, targets):
-        x = self._features(features).astype(np.float64, copy=False)
-        if len(x) < 2:
-            raise DataError(f"features must have at least 2 rows to fit a covariance, got {len(x)}")
-        y = as_vector(targets, "targets", n=len(x), dtype=np.int64)
-        classes, inverse = np.unique(y, return_inverse=True)
-        counts = np.bincount(inverse)
-        means = np.zeros((len(classes), x.shape[1]))
-        np.add.at(means, inverse, x)
-        means /= counts[:, None]
-        centred = x - means[inverse]
-        cov = centred.T @ centred / len(x)
-        eigval, eigvec = np.linalg.eigh(cov)
-        eigval = np.clip(eigval, 0.0, None)
-        eps = max(self.ridge * float(eigval.mean()), np.finfo(np.float64).tiny)
-        self.whitener = eigvec / np.sqrt(eigval + eps)[None, :]
-        self.means = means @ self.whitener
-        self.classes = classes
-        return self
-
-    def score(self, features, logits):
-        if self.whitener is None:
-            raise DataError("the mahalanobis OOD scorer is not fitted; call fit() or load a state dict")
-        x = self._features(features, n_dims=self.whitener.shape[0]).astype(np.float64, copy=False)
-        m_sq = (self.means ** 2).sum(axis=1)
-        out = np.empty(len(x))
-        step = chunk_rows(None, len(self.means))
-        for s in range(0, len(x), step):
-            z = x[s:s + step] @ self.whitener
-            d = (z ** 2).sum(axis=1)[:, None] - 2.0 * z @ self.means.T + m_sq[None, :]
-            out[s:s + step] = np.maximum(d.min(axis=1), 0.0)  # rounding can dip a zero distance below 0
-        return out
-
-    def state_dict(self):
-        if self.whitener is None:
-            raise DataError("the mahalanobis OOD scorer is not fitted; nothing to save")
-        return {"whitener": self.whitener, "means": self.means, "classes": self.classes,
-                "ridge": np.array(self.ridge)}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        scorer = cls(_state_scalar(state, "ridge", cls.method))
-        for key in ("whitener", "means", "classes"):
-            if key not in state:
-                raise DataError(f"the mahalanobis OOD state has no {key!r} entry")
-        scorer.whitener = np.asarray(state["whitener"], dtype=np.float64)
-        scorer.means = np.asarray(state["means"], dtype=np.float64)
-        scorer.classes = np.asarray(state["classes"], dtype=np.int64)
-        return scorer
-
-
-class KNNScorer(OODScorer):
-    """Distance to the k-th nearest training feature (Sun et al. 2022), features L2-normalised.
-
-    On unit vectors the Euclidean distance is sqrt(2 − 2·cos), so this ranks like cosine distance.
-    `max_bank` keeps a seeded random subset of the training features to bound memory (Sun et al. keep
-    a fraction too); None keeps them all.
-    """
-
-    method = "knn"
-    uses_features = True
-
-    def __init__(self, k: int = 10, max_bank: int | None = None, seed: int = 0):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
-        if max_bank is not None and (isinstance(max_bank, bool) or not isinstance(max_bank, (int, np.integer))
-                                     or max_bank < k):
-            raise ConfigError(f"max_bank must be an integer >= k ({k}) or None, got {max_bank!r}")
-        self.k, self.max_bank, self.seed = int(k), max_bank, seed
-        self.bank: np.ndarray | None = None  # (M, D) float32 unit vectors
-
-    def fit(self, features, logits, targets):
-        x = self._features(features)
-        if len(x) < self.k:
-            raise DataError(f"knn with k={self.k} needs at least {self.k} training features, got {len(x)}")
-        if self.max_bank is not None and len(x) > self.max_bank:
-            keep = np.sort(np.random.default_rng(self.seed).choice(len(x), self.max_bank, replace=False))
-            x = x[keep]
-        self.bank = _unit_rows(x)
-        return self
-
-    def score(self, features, logits):
-        if self.bank is None:
-            raise DataError("the knn OOD scorer is not fitted; call fit() or load a state dict")
-        q = _unit_rows(self._features(features, n_dims=self.bank.shape[1]))
-        out = np.empty(len(q))
-        step = chunk_rows(None, len(self.bank))
-        for s in range(0, len(q), step):
-            sim = q[s:s + step] @ self.bank.T
-            kth = -np.partition(-sim, self.k - 1, axis=1)[:, self.k - 1]  # k-th largest similarity
-            out[s:s + step] = np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
-        return out
-
-    def state_dict(self):
-        if self.bank is None:
-            raise DataError("the knn OOD scorer is not fitted; nothing to save")
-        return {"bank": self.bank, "k": np.array(self.k, dtype=np.int64)}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        if "bank" not in state:
-            raise DataError("the knn OOD state has no 'bank' entry")
-        bank = np.asarray(state["bank"], dtype=np.float32)
-        scorer = cls(int(_state_scalar(state, "k", cls.method)))
-        scorer.bank = bank
-        return scorer
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _positive(value, name: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
-        and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ConfigError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
-
-
 #: Scorer classes by the names `predict --ood METHOD` accepts.
 OOD_SCORERS: dict[str, type[OODScorer]] = {
     "msp": MSPScorer, "max-logit": MaxLogitScorer, "energy": EnergyScorer,
-    "mahalanobis": MahalanobisScorer, "knn": KNNScorer,
+    "mahalanobis": MahalanobisScorer, "knn": KNNScorer, "relative-mahalanobis": RelativeMahalanobisScorer,
+    "vim": ViMScorer, "react-energy": ReActEnergyScorer,
 }
 OOD_METHODS = tuple(OOD_SCORERS)
+#: What `--ood auto` means: the score that separated held-out taxa best on real data, measured on two held-out
+#: splits of PlanktonSet 1.0 with fine-tuned models (docs/decisions.md, "Which OOD score: --ood auto").
+AUTO_OOD_METHOD = "mahalanobis"
+
+
+def resolve_ood_method(method: str | None) -> str | None:
+    """`auto` → `AUTO_OOD_METHOD`; any other name (or None) as given.
+
+    >>> resolve_ood_method("auto"), resolve_ood_method("energy")
+    ('mahalanobis', 'energy')
+    """
+    return AUTO_OOD_METHOD if method == "auto" else method
 
 
 def _scorer_class(method: str) -> type[OODScorer]:
@@ -398,7 +174,7 @@ def ensemble_disagreement(member_logits, temperatures: Sequence[float] | None = 
     if len(temperatures) != len(member_logits):
         raise DataError(f"temperatures must have one entry per member ({len(member_logits)}), "
                         f"got {len(temperatures)}")
-    probs = [softmax(as_matrix(z, f"member_logits[{k}]").astype(np.float64) / _positive(t, f"temperatures[{k}]"))
+    probs = [softmax(as_matrix(z, f"member_logits[{k}]").astype(np.float64) / check_positive(t, f"temperatures[{k}]"))
              for k, (z, t) in enumerate(zip(member_logits, temperatures))]
     return stack_score(probs, score)
 
@@ -535,9 +311,9 @@ def ood_fallback(nodes: np.ndarray, flagged: np.ndarray, taxonomy: Taxonomy, fal
         ok = np.zeros_like(valid)
         step = chunk_rows(chunk_size, len(taxonomy))
         for s in range(0, len(p), step):
-            along = np.take_along_axis(_aggregate(p[s:s + step], op_t), safe[s:s + step], axis=1)
+            along = np.take_along_axis(node_sums(p[s:s + step], op_t), safe[s:s + step], axis=1)
             ok[s:s + step] = valid[s:s + step] & (along >= fallback - 1e-9)
-    depth, found = _deepest(ok)
+    depth, found = deepest_true(ok)
     rows = np.arange(len(start))
     chosen = safe[rows, depth]
     if candidates is None:

@@ -10,65 +10,21 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-import scipy.sparse
 
 from taxonomist.config import DecideConfig
 from taxonomist.decide._arrays import as_matrix, as_probs, as_targets, as_vector, chunk_rows
+from taxonomist.decide import heuristics as H
 from taxonomist.decide.candidates import candidate_mask
+from taxonomist.decide.tree_sums import (SLACK, ancestor_operator, best_reaching, check_threshold,
+                                         deepest_node_reaching, deepest_true, node_sums)
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import RANKS, Taxonomy, default_metric, distance_matrix, suggest
 
 #: The rule names `predict --decision` and `decide` accept.
-DECISIONS = ("argmax", "min-risk", "backoff", "selective")
-
-#: Rounding slack when an aggregated probability (a float sum) is compared with a threshold.
-_SLACK = 1e-9
+DECISIONS = ("argmax", "min-risk", "backoff", "selective", "rollup", "common-ancestor")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def ancestor_operator(taxonomy: Taxonomy) -> scipy.sparse.csr_matrix:
-    """Sparse (L, nodes) 0/1 matrix, entry (l, v) = 1 when node v is label l or one of its ancestors.
-
-    The same matrix as `taxonomy.ancestor_matrix(taxonomy.labels, taxonomy.names)`, stored with
-    L × (depth + 1) entries instead of L × nodes, so summing probabilities up the tree costs O(N·L·depth).
-    """
-    anc = taxonomy.ancestor_table()[taxonomy.label_indices]  # (L, D+1), -1 below each label
-    rows, cols = np.nonzero(anc >= 0)
-    return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, anc[rows, cols])),
-                                   shape=(len(taxonomy.labels), len(taxonomy)))
-
-
-def _aggregate(p: np.ndarray, op_t: scipy.sparse.spmatrix) -> np.ndarray:
-    """(B, nodes) probability of every node: the sum of its descendant labels' probabilities."""
-    return np.asarray(op_t @ p.T.astype(np.float64, copy=False)).T
-
-
-def node_probabilities(probs: np.ndarray, taxonomy: Taxonomy, nodes: Sequence[str] | None = None,
-                       chunk_size: int | None = None) -> np.ndarray:
-    """Probability of each node (default: every node of the taxonomy): the sum over its descendant labels.
-
-    A node that is itself a label counts its own probability too. Returns (N, len(nodes)) float64.
-
-    >>> tax = Taxonomy.from_parents({"Fish": None, "Cod": "Fish", "Hake": "Fish"})
-    >>> node_probabilities(np.array([[0.7, 0.3]]), tax).tolist()
-    [[1.0, 0.7, 0.3]]
-    """
-    p = as_probs(probs, n_cols=len(taxonomy.labels))
-    cols = np.arange(len(taxonomy)) if nodes is None else taxonomy.indices(nodes)
-    op_t = ancestor_operator(taxonomy)[:, cols].T.tocsr()
-    out = np.empty((len(p), len(cols)))
-    step = chunk_rows(chunk_size, len(cols))
-    for s in range(0, len(p), step):
-        out[s:s + step] = _aggregate(p[s:s + step], op_t)
-    return out
-
-
-def _deepest(ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of a (B, depth) mask: the deepest True column, and whether there is one."""
-    last = ok.shape[1] - 1 - ok[:, ::-1].argmax(axis=1)
-    return last, ok.any(axis=1)
-
-
 # ---------------------------------------------------------------------------------------------- argmax, min-risk
 def argmax_decision(probs: np.ndarray) -> np.ndarray:
     """The most probable label of each row (ties: the first label). Returns (N,) label indices.
@@ -291,13 +247,13 @@ def backoff_decision(probs: np.ndarray, taxonomy: Taxonomy, thresholds: Mapping 
     step = chunk_rows(chunk_size, len(taxonomy))
     for s in range(0, len(p), step):
         block = p[s:s + step]
-        agg = _aggregate(block, op_t)
+        agg = node_sums(block, op_t)
         lin = lineages[block.argmax(axis=1)]  # (B, D+1), -1 below the starting label
         safe = np.maximum(lin, 0)
         on_lineage = (lin >= 0) & cand[safe]
         with np.errstate(invalid="ignore"):  # NaN thresholds compare False: no stop there
-            ok = on_lineage & (np.take_along_axis(agg, safe, axis=1) >= thr[safe] - _SLACK)
-        depth, found = _deepest(ok)
+            ok = on_lineage & (np.take_along_axis(agg, safe, axis=1) >= thr[safe] - SLACK)
+        depth, found = deepest_true(ok)
         choice = safe[np.arange(len(block)), depth]
         # fallback: the root-most candidate on the lineage, else the most probable candidate anywhere
         top_most = safe[np.arange(len(block)), on_lineage.argmax(axis=1)]
@@ -306,23 +262,6 @@ def backoff_decision(probs: np.ndarray, taxonomy: Taxonomy, thresholds: Mapping 
         nodes[s:s + step] = choice
         node_p[s:s + step] = agg[np.arange(len(block)), choice]
     return nodes, node_p
-
-
-def _selective_block(agg: np.ndarray, depth_key: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
-    # 2·depth + P orders nodes by depth first, then probability (P ≤ 1 < 2 cannot reach the next depth)
-    reach = cand[None, :] & (agg >= threshold - _SLACK)
-    key = np.where(reach, depth_key[None, :] + agg, -np.inf)
-    best = key.argmax(axis=1)
-    fallback = np.where(cand[None, :], agg, -np.inf).argmax(axis=1)
-    return np.where(reach.any(axis=1), best, fallback)
-
-
-def _check_threshold(threshold, name: str = "threshold") -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
-        raise ConfigError(f"{name} must be one number in [0, 1], got {threshold!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ConfigError(f"{name} must lie in [0, 1], got {float(threshold):g}")
-    return float(threshold)
 
 
 def selective_decision(probs: np.ndarray, taxonomy: Taxonomy, threshold: float = 0.5,
@@ -345,19 +284,7 @@ def selective_decision(probs: np.ndarray, taxonomy: Taxonomy, threshold: float =
     ['Fish', 'Cod']
     """
     p = as_probs(probs, n_cols=len(taxonomy.labels))
-    t = _check_threshold(threshold)
-    cand = candidate_mask(taxonomy, candidates)
-    op_t = ancestor_operator(taxonomy).T.tocsr()
-    depth_key = 2.0 * taxonomy.depths
-    nodes = np.empty(len(p), dtype=np.int64)
-    node_p = np.empty(len(p))
-    step = chunk_rows(chunk_size, len(taxonomy))
-    for s in range(0, len(p), step):
-        agg = _aggregate(p[s:s + step], op_t)
-        choice = _selective_block(agg, depth_key, cand, t)
-        nodes[s:s + step] = choice
-        node_p[s:s + step] = agg[np.arange(len(agg)), choice]
-    return nodes, node_p
+    return deepest_node_reaching(p, taxonomy, check_threshold(threshold), candidates, chunk_size)
 
 
 def hierarchical_coverage(taxonomy: Taxonomy, nodes: np.ndarray) -> np.ndarray:
@@ -404,7 +331,7 @@ def coverage_risk_curve(probs: np.ndarray, targets: np.ndarray, taxonomy: Taxono
     """
     p = as_probs(probs, n_cols=len(taxonomy.labels))
     y = as_targets(targets, len(p), p.shape[1])
-    ts = [_check_threshold(t, "thresholds[]") for t in as_vector(thresholds, "thresholds")]
+    ts = [check_threshold(t, "thresholds[]") for t in as_vector(thresholds, "thresholds")]
     cand = candidate_mask(taxonomy, candidates)
     cand_idx = np.flatnonzero(cand) if candidates is None else taxonomy.indices(list(dict.fromkeys(candidates)))
     d = as_matrix(distance_lc, "distance_lc", n_rows=p.shape[1], n_cols=len(cand_idx), nonnegative=True)
@@ -420,10 +347,10 @@ def coverage_risk_curve(probs: np.ndarray, targets: np.ndarray, taxonomy: Taxono
     sums = np.zeros((len(ts), 4))  # coverage, label share, distance, error
     step = chunk_rows(chunk_size, len(taxonomy))
     for s in range(0, len(p), step):
-        agg = _aggregate(p[s:s + step], op_t)
+        agg = node_sums(p[s:s + step], op_t)
         yb = y[s:s + step]
         for k, t in enumerate(ts):
-            v = _selective_block(agg, depth_key, cand, t)
+            v = best_reaching(agg, depth_key, cand, t)
             correct = lineages[yb, depths[v]] == v  # v is the true label or one of its ancestors
             sums[k] += (node_cov[v].sum(), is_label[v].sum(), d[yb, column[v]].sum(), (~correct).sum())
     n = max(len(p), 1)
@@ -451,16 +378,18 @@ class Decisions:
 
 def decide(probs: np.ndarray, taxonomy: Taxonomy, rule: str = "argmax", candidates: Sequence[str] | None = None,
            metric: str = "auto", thresholds: Mapping | float | None = None,
-           chunk_size: int | None = None) -> Decisions:
-    """Apply a decision rule by name (`argmax`, `min-risk`, `backoff`, `selective`).
+           chunk_size: int | None = None, top_k: int | None = None) -> Decisions:
+    """Apply a decision rule by name (`argmax`, `min-risk`, `backoff`, `selective`, `rollup`, `common-ancestor`).
 
     Args:
         candidates: node names the answer must come from (see `candidate_nodes`). None means the training
-            labels for argmax and min-risk, every node for backoff and selective.
+            labels for argmax and min-risk, every node for the others.
         metric: the distance min-risk minimises: `auto` (fathomnet2025 for ranked trees, else lca),
             `fathomnet2025` or `lca`.
-        thresholds: backoff: as in `node_thresholds`; selective: one number (default 0.5); ignored by
-            argmax and min-risk.
+        thresholds: backoff: as in `node_thresholds`; selective: one number (default 0.5); rollup: the sum of
+            the top k to reach (default 0.65); common-ancestor: the share of the top k (default 0.78); ignored
+            by argmax and min-risk.
+        top_k: rollup (default 5) and common-ancestor (default 15): how many of the most probable labels count.
 
     >>> tax = Taxonomy.from_parents({"R": None, "A": "R", "B": "R", "a1": "A", "a2": "A", "b1": "B", "b2": "B"})
     >>> probs = np.array([[0.4, 0.4, 0.1, 0.1]])
@@ -497,9 +426,19 @@ def decide(probs: np.ndarray, taxonomy: Taxonomy, rule: str = "argmax", candidat
         nodes, confidence = backoff_decision(p, taxonomy, thresholds, candidates, chunk_size)
     else:
         if isinstance(thresholds, Mapping):
-            raise ConfigError("the selective rule takes one threshold (a number in [0, 1]), not one per rank")
-        nodes, confidence = selective_decision(p, taxonomy, 0.5 if thresholds is None else thresholds,
-                                               candidates, chunk_size)
+            raise ConfigError(f"the {rule} rule takes one threshold (a number in [0, 1]), not one per rank")
+        if rule == "selective":
+            nodes, confidence = selective_decision(p, taxonomy, 0.5 if thresholds is None else thresholds,
+                                                   candidates, chunk_size)
+        else:
+            if rule == "rollup":
+                nodes, confidence = H.rollup_decision(
+                    p, taxonomy, H.ROLLUP_THRESHOLD if thresholds is None else thresholds,
+                    H.ROLLUP_TOP_K if top_k is None else top_k, candidates, chunk_size)
+            else:
+                nodes, confidence = H.common_ancestor_decision(
+                    p, taxonomy, H.COMMON_ANCESTOR_SHARE if thresholds is None else thresholds,
+                    H.COMMON_ANCESTOR_TOP_K if top_k is None else top_k, candidates, chunk_size)
     return Decisions(nodes, [taxonomy.names[i] for i in nodes], confidence, risk)
 
 
@@ -508,6 +447,6 @@ def _answer_probabilities(p: np.ndarray, taxonomy: Taxonomy, nodes: np.ndarray, 
     out = np.empty(len(p))
     step = chunk_rows(chunk_size, len(taxonomy))
     for s in range(0, len(p), step):
-        agg = _aggregate(p[s:s + step], op_t)
+        agg = node_sums(p[s:s + step], op_t)
         out[s:s + step] = agg[np.arange(len(agg)), nodes[s:s + step]]
     return out

@@ -21,7 +21,7 @@ from taxonomist.inference.calibrate import ood_path
 from taxonomist.inference.model_file import is_onnx
 from taxonomist.inference.onnx_model import INPUT_NAMES, OUTPUT_NAMES, file_metadata
 from taxonomist.taxonomy import suggest
-from taxonomist.utils.files import atomic_path
+from taxonomist.utils.files import file_set
 
 FORMATS = ("onnx", "torchscript")
 #: ONNX opset of the exported graph: 18 runs on onnxruntime ≥ 1.14 and is the torch.export exporter's default.
@@ -72,7 +72,7 @@ class TwoStreamTupleOutputs(TupleOutputs):
 
 
 def export_model(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", opset: int = DEFAULT_OPSET,
-                 check: bool = True) -> ExportSummary:
+                 check: bool = True, trust_code: bool = False) -> ExportSummary:
     """Export a checkpoint (or a run directory's best checkpoint) to `out`, atomically.
 
     `fmt="onnx"`: `torch.onnx.export` through torch.export (the TorchScript-based exporter when torch.export
@@ -80,7 +80,14 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", ops
     (`taxonomist.inference.onnx_model.file_metadata`). `fmt="torchscript"`: `torch.jit.trace`, the same
     metadata as `_extra_files`. With `check`, the exported model runs a random batch of another size than
     the traced one and must agree with PyTorch (`CHECK_TOLERANCE`). The checkpoint's OOD statistics, if any,
-    are copied to `FILE.ood.safetensors` first, so a model file never names statistics that are not there.
+    go beside it (`ood_path(out)`).
+
+    The model and its statistics replace an earlier export as a pair (`utils.files.file_set`): both are written
+    completely first, then the old statistics are removed, the model renamed into place and the statistics
+    after it. A kill leaves the old pair, the new pair, or a model without statistics (refused when OOD is
+    asked for: "OOD statistics named in … are missing"), never a model beside another export's statistics.
+    `out` may not be a file of the checkpoint. `trust_code`: export checkpoints whose backbone imports code
+    (`module:`), refused without it; the exported file itself never imports it.
 
     >>> export_model("runs/demo/run", "model.onnx")        # doctest: +SKIP
     """
@@ -103,7 +110,11 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", ops
     if fmt == "onnx":
         _require_onnx()
     ckpt = resolve_checkpoint(checkpoint)
-    model, meta, _ = load_checkpoint(ckpt, device="cpu")
+    from taxonomist.inference.model_file import model_file_parts
+    from taxonomist.utils.files import refuse_output_over_inputs
+    refuse_output_over_inputs(out, model_file_parts(ckpt))
+    refuse_output_over_inputs(ood_path(out), model_file_parts(ckpt), option=f"--out {out}: its OOD statistics")
+    model, meta, _ = load_checkpoint(ckpt, device="cpu", trust_code=trust_code)
     two_stream = meta.get("head") == "two_stream"
     names = INPUT_NAMES[:2 if two_stream else 1]
     size = int(meta["image_size"])
@@ -142,18 +153,16 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", ops
         raise ModelError(f"{ckpt}: the exported {fmt} model disagrees with PyTorch (max |logit difference| "
                          f"{diff:.3g}); the backbone may hold an operation the exporter mistranslates")
 
-    if ood_src is not None:
-        with atomic_path(ood_file) as tmp:
-            shutil.copyfile(ood_src, tmp)
-    else:
-        ood_path(out).unlink(missing_ok=True)  # statistics of an earlier export would not match this model
-    with atomic_path(out) as tmp:
+    # statistics of an earlier export never stay beside this model, whether or not it has its own
+    with file_set([out, *([ood_file] if ood_src is not None else [])], remove_first=[ood_path(out)]) as tmp:
+        if ood_src is not None:
+            shutil.copyfile(ood_src, tmp[ood_file])
         if fmt == "onnx":
-            tmp.write_bytes(payload)
+            tmp[out].write_bytes(payload)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export and says so
-                torch.jit.save(scripted, str(tmp), _extra_files=props)
+                torch.jit.save(scripted, str(tmp[out]), _extra_files=props)
     return ExportSummary(out, fmt, ckpt, exporter, out.stat().st_size, time.time() - start, ood_file, diff)
 
 

@@ -40,7 +40,8 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
                      temperature: float = 1.0, decision: str = "argmax", candidates: Sequence[str] | None = None,
                      thresholds: Mapping | float | None = None, rank_logits: Mapping[str, np.ndarray] | None = None,
                      ood_scores: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                     ood_thresholds: Mapping[str, float] | None = None) -> OutputsEvaluation:
+                     ood_thresholds: Mapping[str, float] | None = None,
+                     top_k: int | None = None) -> OutputsEvaluation:
     """Every figure of an evaluation, computed once from arrays.
 
     Args:
@@ -75,7 +76,7 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
     m["decision"] = decision
     m["n_labels"] = len(labels)
 
-    chosen = decide(probs, taxonomy, decision, candidates=candidates, thresholds=thresholds)
+    chosen = decide(probs, taxonomy, decision, candidates=candidates, thresholds=thresholds, top_k=top_k)
     answer_cols = np.unique(chosen.nodes)
     d_answers = distance_matrix(taxonomy, metric, labels, [taxonomy.names[i] for i in answer_cols])
     distances = d_answers[targets, np.searchsorted(answer_cols, chosen.nodes)]

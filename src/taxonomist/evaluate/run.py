@@ -17,7 +17,7 @@ from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.evaluate.outputs import evaluate_outputs
 from taxonomist.taxonomy import Taxonomy, write_taxonomy
-from taxonomist.utils.files import atomic_path, atomic_write_json
+from taxonomist.utils.files import atomic_path
 
 #: The OOD threshold in use when a checkpoint's calibration stores several: the one keeping 95 % of known
 #: validation examples, as `taxonomist predict` uses by default.
@@ -109,9 +109,9 @@ def _checkpoint_ood(ckpt: Path) -> tuple[dict, dict, str | None]:
     return scorers, {m: ood_threshold(ckpt, m, OOD_KNOWN_TPR) for m in scorers}, None
 
 
-def write_predictions(out_dir: Path, rows: pd.DataFrame, indices, columns: dict, notes: list[str]) -> pd.DataFrame:
-    """Write and return `predictions.csv` of an evaluation: one row per evaluated example (`rows` at `indices`),
-    the input's ids and `columns`; images left out as unreadable are counted in `notes`."""
+def predictions_frame(rows: pd.DataFrame, indices, columns: dict, notes: list[str]) -> pd.DataFrame:
+    """The `predictions.csv` table of an evaluation: one row per evaluated example (`rows` at `indices`), the
+    input's ids and `columns`; images left out as unreadable are counted in `notes`."""
     skipped = len(rows) - len(indices)
     if skipped:
         notes.append(f"{skipped} unreadable image(s) were skipped")
@@ -120,10 +120,68 @@ def write_predictions(out_dir: Path, rows: pd.DataFrame, indices, columns: dict,
     for col in ("annotation_id", "image_id"):
         if col in sub.columns:
             frame.insert(1, col, sub[col].to_numpy())
+    return frame
+
+
+def write_predictions(out_dir: Path, rows: pd.DataFrame, indices, columns: dict, notes: list[str]) -> pd.DataFrame:
+    """Write and return `predictions.csv` alone (`predictions_frame`), atomically."""
+    frame = predictions_frame(rows, indices, columns, notes)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
     return frame
+
+
+#: The files of one evaluation, in the order they replace the old ones: metrics.json last, as the commit
+EVALUATION_FILES = ("predictions.csv", "taxonomy.csv", "metrics.json")
+#: Files that describe an evaluation and are removed when it is replaced (the report is rewritten after it)
+STALE_AFTER_EVALUATION = ("report.html",)
+
+
+def write_evaluation(out_dir: Path, frame: pd.DataFrame, metrics: dict, taxonomy: Taxonomy | None = None) -> None:
+    """Replace the evaluation in `out_dir` (predictions.csv, taxonomy.csv when given, metrics.json) as a set.
+
+    Every new file is written completely beside its target first; only then is the old metrics.json removed (with
+    the old report.html, which describes the old evaluation), the others renamed into place, and metrics.json
+    renamed last. A kill at any moment leaves the old set, the new set, or a folder without metrics.json, which
+    readers refuse ("no metrics.json"); never metrics beside predictions of another evaluation. metrics.json also
+    records each file's SHA-256 (`files`), so `check_evaluation` can prove that they belong together.
+    """
+    import hashlib
+    import json
+
+    from taxonomist.utils.files import file_set, json_value
+
+    names = [n for n in EVALUATION_FILES if n != "taxonomy.csv" or taxonomy is not None]
+    with file_set([out_dir / n for n in names],
+                  remove_first=[out_dir / n for n in ("metrics.json", *STALE_AFTER_EVALUATION)]) as tmp:
+        staged = {n: tmp[out_dir / n] for n in names}
+        frame.to_csv(staged["predictions.csv"], index=False)
+        if taxonomy is not None:
+            write_taxonomy(taxonomy, staged["taxonomy.csv"])
+        metrics = {**metrics, "files": {n: hashlib.sha256(staged[n].read_bytes()).hexdigest()
+                                        for n in names if n != "metrics.json"}}
+        staged["metrics.json"].write_text(json.dumps(metrics, indent=1, default=json_value) + "\n", encoding="utf-8")
+
+
+def check_evaluation(folder: str | Path) -> None:
+    """Refuse (DataError, one line) an evaluation folder whose files do not belong to its metrics.json: each file
+    metrics.json records under `files` must have that SHA-256. Folders written before `files` existed pass."""
+    import hashlib
+    import json
+
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # a missing or unreadable metrics.json is the reader's own error to report
+    for name, digest in recorded.items():
+        path = folder / str(name)
+        if path.name != str(name) or not path.is_file():
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise DataError(f"{path} does not belong to {folder / 'metrics.json'} (another evaluation wrote it); "
+                            f"rerun taxonomist evaluate into {folder}")
 
 
 def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",
@@ -132,13 +190,15 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                  candidates: str | list[str] | None = None, thresholds: Mapping | float | None = None,
                  ood_scorers: Mapping | None = None, model_ood: Sequence[str] = (),
                  model_ood_options: Mapping[str, dict] | None = None,
-                 ensemble: Sequence[str | Path] = ()) -> Evaluation:
+                 ensemble: Sequence[str | Path] = (), trust_code: bool = False,
+                 top_k: int | None = None) -> Evaluation:
     """Run the checkpoint over `split` of the dataset and write metrics.json + predictions.csv into `out`
     (default: the run directory). `split` falls back to the validation rows when the dataset has no test split.
 
     Args:
-        decision, candidates, thresholds: the decision rule (`argmax`, `min-risk`, `backoff`, `selective`),
-            its candidate set (`candidate_nodes` spec) and thresholds; default: the run's `decide` config.
+        decision, candidates, thresholds: the decision rule (`argmax`, `min-risk`, `backoff`, `selective`,
+            `rollup`, `common-ancestor`), its candidate set (`candidate_nodes` spec) and thresholds; default: the
+            run's `decide` config. top_k: rollup's and common-ancestor's number of labels that count.
         ood_scorers: fitted `OODScorer`s by method; default: those stored beside the checkpoint
             (`best.ood.safetensors`). With scorers and `ood` rows in the dataset, metrics.json gets `ood`.
         model_ood: OOD scores that need the model (`odin`, `mc-dropout`; `inference.ood_model`), computed on the
@@ -146,6 +206,11 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             0.002}}`). Their threshold keeps 95 % of the dataset's `val` rows when it has some.
         ensemble: further checkpoints with the same labels: `ood.ensemble` scores each example by the members'
             disagreement (`decide.ensemble_disagreement`, mutual information, each member at its temperature).
+        trust_code: load checkpoints whose backbone imports or fetches code (`module:`, `open_clip:hf-hub:`);
+            refused without it.
+
+    The files replace an earlier evaluation in `out` as a set (`write_evaluation`). `out` may not hold the files
+    evaluate reads (the dataset folder, a model file, the candidates file): refused before the model runs.
     """
     from taxonomist.inference.ood_model import check_model_ood
     from taxonomist.inference.run_model import rows_loader
@@ -160,11 +225,13 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
     dev = select_device(device)
     configure_threads(0, dev, num_workers)
-    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev))
     if data is None:
         if run_cfg is None or not run_cfg.data.root:
             raise DataError("no dataset given: pass --data DATASET")
         data = run_cfg.data.root
+    out_dir = Path(out) if out else (run_dir or ckpt.parent)
+    _refuse_out_over_inputs(out_dir, data, [ckpt, *ensemble], candidates)
+    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev), trust_code=trust_code)
     rule, spec, cand_names, thr = _decision_settings(run_cfg, taxonomy, decision, candidates, thresholds)
     dataset = _open_dataset(data, taxonomy)
     rows, used_split = _rows_for_split(dataset, run_dir, split)
@@ -208,7 +275,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                           for method, scorer in ood_scorers.items()}
         if model_ood or ensemble:
             extra, extra_thr, stored = _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split,
-                                                  model_ood, model_ood_options or {}, ensemble, res, dev, progress)
+                                                  model_ood, model_ood_options or {}, ensemble, res, dev, progress,
+                                                  trust_code)
             ood_scores = {**(ood_scores or {}), **extra}
             ood_thr = {**ood_thr, **extra_thr}
             stored_thr |= stored
@@ -217,26 +285,45 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     metric = meta.get("metric", "lca")
     result = evaluate_outputs(res.logits, res.targets, taxonomy, metric, temperature=temperature, decision=rule,
                               candidates=cand_names, thresholds=thr, rank_logits=res.rank_logits,
-                              ood_scores=ood_scores, ood_thresholds=ood_thr)
+                              ood_scores=ood_scores, ood_thresholds=ood_thr, top_k=top_k)
     m = result.metrics
     for method in set(m.get("ood") or {}) & set(ood_thr) - set(ood_scorers or {}):
         m["ood"][method]["threshold_source"] = ("stored at calibration" if method in stored_thr else
                                                 f"{OOD_KNOWN_TPR:.0%} of the val rows kept")
-    out_dir = Path(out) if out else (run_dir or ckpt.parent)
-    m.update(split=used_split, candidates=spec, thresholds=thr, checkpoint=str(ckpt.resolve()),
+    m.update(split=used_split, candidates=spec, thresholds=thr, top_k=top_k, checkpoint=str(ckpt.resolve()),
              run_dir=str(run_dir.resolve()) if run_dir else None, data=str(Path(data).resolve()),
              taxonomy_hash=taxonomy.hash, epoch=meta.get("epoch"), group_level=_group_level(taxonomy))
     m["notes"] = notes + m["notes"]
-    frame = write_predictions(out_dir, rows, res.indices, result.columns, m["notes"])
-    if run_dir is None or out_dir.resolve() != run_dir.resolve():
-        # the report reads lineages from the evaluation folder, which need not be a run directory
-        write_taxonomy(taxonomy, out_dir / "taxonomy.csv")
-    atomic_write_json(out_dir / "metrics.json", m)
+    frame = predictions_frame(rows, res.indices, result.columns, m["notes"])
+    # the report reads lineages from the evaluation folder, which need not be a run directory
+    own_taxonomy = run_dir is None or out_dir.resolve() != run_dir.resolve()
+    write_evaluation(out_dir, frame, m, taxonomy if own_taxonomy else None)
     return Evaluation(m, frame, out_dir, used_split, res)
 
 
+def _refuse_out_over_inputs(out_dir: Path, data, models: Sequence, candidates) -> None:
+    """No file evaluate writes into `out_dir` may be one it reads: the dataset's tables, a model file (of the
+    evaluated model or an ensemble member), the candidates file."""
+    from taxonomist.inference.model_file import model_file_parts
+    from taxonomist.utils.files import refuse_output_over_inputs
+
+    root = Path(data).expanduser()
+    if out_dir.expanduser().resolve() == root.resolve():
+        raise ConfigError(f"--out {out_dir} is the dataset folder {data}: evaluate would write its predictions.csv, "
+                          "taxonomy.csv and metrics.json among the dataset's files; choose another folder")
+    inputs = [(root / "annotations.csv", "the dataset's annotations.csv"), (root / "taxonomy.csv",
+                                                                         "the dataset's taxonomy.csv")]
+    if isinstance(candidates, (str, Path)) and str(candidates) not in ("", "all", "fathomnet2025"):
+        inputs.append((Path(candidates), "the candidates file"))
+    for model in models:
+        inputs += model_file_parts(model)
+    refuse_output_over_inputs(out_dir, inputs)
+    for name in (*EVALUATION_FILES, *STALE_AFTER_EVALUATION):
+        refuse_output_over_inputs(out_dir / name, inputs, option=f"--out {out_dir}: its")
+
+
 def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,
-               progress) -> tuple[dict, dict, set]:
+               progress, trust_code: bool = False) -> tuple[dict, dict, set]:
     """Scores of the model-side OOD methods and of ensemble disagreement on (known rows, ood rows), their
     thresholds, and the methods whose threshold is the checkpoint's own.
 
@@ -275,7 +362,7 @@ def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, me
         members = []
         for path in ensemble:
             ckpt = resolve_checkpoint(path)
-            mod, mmeta, _ = load_checkpoint(ckpt, device=str(dev))
+            mod, mmeta, _ = load_checkpoint(ckpt, device=str(dev), trust_code=trust_code)
             if list(mmeta["labels"]) != labels:
                 raise ConfigError(f"{ckpt}: an ensemble member must have the evaluated model's labels in the same "
                                   f"order ({len(mmeta['labels'])} labels vs {len(labels)})")

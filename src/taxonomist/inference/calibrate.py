@@ -18,7 +18,7 @@ import numpy as np
 from taxonomist.config import Config, load_config
 from taxonomist.data.dataset import load_dataset
 from taxonomist.decide import (OOD_METHODS, OODScorer, apply_temperature, build_ood_scorer, expected_calibration_error,
-                               fit_temperature, load_ood_scorer)
+                               load_ood_scorer)
 from taxonomist.errors import ConfigError, DataError, ModelError
 from taxonomist.taxonomy import suggest
 from taxonomist.train.checkpoint import metadata_path, read_metadata, resolve_checkpoint
@@ -47,11 +47,19 @@ class Calibration:
     seconds: float = 0.0
     reused_from: Path | None = None
     model_methods: tuple[str, ...] = ()     # of `thresholds`, those fitted with the model on the val rows
+    objective: str = "nll"                  # what the temperature was fitted for (decide.temperature)
+    nll_before: float = math.nan
+    nll_after: float = math.nan
 
     def summary(self) -> str:
         how = f" (same weights as {self.reused_from.name})" if self.reused_from else f" in {self.seconds:.1f} s"
-        line = (f"calibrated {self.checkpoint.name}: temperature {self.temperature:.3f}, val ECE "
+        line = (f"calibrated {self.checkpoint.name}: temperature {self.temperature:.3f} (fitted for "
+                f"{self.objective}), val log loss {self.nll_before:.4f} → {self.nll_after:.4f}, top-1 ECE "
                 f"{self.ece_before:.4f} → {self.ece_after:.4f} (n={self.n_val})")
+        if self.ece_after > self.ece_before + 1e-4:
+            # not a broken calibration: the fit serves the whole distribution (or the decision), not the top label
+            line += (" [the top-1 ECE rose: the temperature serves the log loss of all labels, or the decision, "
+                     "not the top label's confidence; common after label smoothing, see docs/decisions.md]")
         fitted = [m for m in self.thresholds if m not in self.model_methods]
         if fitted:
             line += f"; OOD scores {', '.join(fitted)} fitted on {self.n_train} training images"
@@ -171,11 +179,13 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     val = infer_rows(model, meta, dataset, val_rows, desc="calibrate (val)", **common).result
     if len(val.targets) == 0:
         raise DataError(f"{dataset.root}: every validation image was unreadable")
-    temperature = fit_temperature(val.logits, val.targets)
-    ece = {}
+    objective = cfg.decide.temperature
+    temperature = _fit_temperature(val.logits, val.targets, objective, taxonomy, cfg, meta)
+    ece, nll = {}, {}
     for key, t in (("before", 1.0), ("after", temperature)):
         p = apply_temperature(val.logits.astype(np.float64), t)
         ece[key] = expected_calibration_error(p.max(axis=1), p.argmax(axis=1) == val.targets)
+        nll[key] = float(-np.log(np.maximum(p[np.arange(len(p)), val.targets], 1e-300)).mean())
 
     thresholds: dict[str, dict[str, float]] = {}
     tensors: dict[str, np.ndarray] = {}
@@ -213,6 +223,7 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     meta = read_metadata(ckpt)  # re-read: write back exactly what is on disk plus the new keys
     meta["temperature"] = float(temperature)
     meta["calibration"] = {"ece_before": float(ece["before"]), "ece_after": float(ece["after"]),
+                           "nll_before": nll["before"], "nll_after": nll["after"], "objective": objective,
                            "n_val": len(val.targets)}
     if stored:
         meta["ood"] = {"file": ood_file.name, "methods": methods, "n_train": n_train, "n_val": len(val.targets),
@@ -226,7 +237,34 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     if not stored:
         ood_path(ckpt).unlink(missing_ok=True)  # statistics of earlier weights would no longer match
     return Calibration(ckpt, float(temperature), float(ece["before"]), float(ece["after"]), len(val.targets),
-                       n_train, ood_file, thresholds, time.time() - start, model_methods=tuple(model_options))
+                       n_train, ood_file, thresholds, time.time() - start, model_methods=tuple(model_options),
+                       objective=objective, nll_before=nll["before"], nll_after=nll["after"])
+
+
+def check_temperature_objective(objective: str) -> str:
+    """`decide.temperature` as given, or a ConfigError naming the choices."""
+    from taxonomist.decide import TEMPERATURE_OBJECTIVES
+    if objective not in (*TEMPERATURE_OBJECTIVES, "none"):
+        raise ConfigError(f"decide.temperature {objective!r}{suggest(str(objective), (*TEMPERATURE_OBJECTIVES, 'none'))}; "
+                          f"choose one of {', '.join((*TEMPERATURE_OBJECTIVES, 'none'))}")
+    return objective
+
+
+def _fit_temperature(logits: np.ndarray, targets: np.ndarray, objective: str, taxonomy, cfg: Config,
+                     meta: dict) -> float:
+    """The temperature for `decide.temperature` (`nll`, `node-nll`, `risk` or `none`) on the val rows."""
+    from taxonomist.decide import candidate_nodes, fit_temperature_for
+    from taxonomist.taxonomy import default_metric, distance_matrix
+
+    if check_temperature_objective(objective) == "none":
+        return 1.0
+    distance = None
+    if objective == "risk":  # the risk of the rule min-risk will run: over the run's candidates, its metric
+        metric = meta.get("metric", "auto")
+        metric = default_metric(taxonomy) if metric in ("", "auto") else metric
+        spec = cfg.decide.candidates or ("all" if cfg.decide.decision != "min-risk" else None)
+        distance = distance_matrix(taxonomy, metric, taxonomy.labels, candidate_nodes(taxonomy, spec))
+    return fit_temperature_for(logits, targets, objective, taxonomy=taxonomy, distance_lc=distance)
 
 
 def calibrate_run(run_dir: str | Path, data: str | Path | None = None, device: str = "auto",
@@ -267,7 +305,8 @@ def _copy_calibration(source: Calibration, target: Path) -> Calibration:
     atomic_write_text(metadata_path(target), json.dumps(meta, indent=1))
     return Calibration(target, source.temperature, source.ece_before, source.ece_after, source.n_val,
                        source.n_train, ood_file, source.thresholds, 0.0, reused_from=source.checkpoint,
-                       model_methods=source.model_methods)
+                       model_methods=source.model_methods, objective=source.objective,
+                       nll_before=source.nll_before, nll_after=source.nll_after)
 
 
 def _save_ood(path: Path, tensors: dict[str, np.ndarray], methods: list[str], checkpoint_name: str) -> None:

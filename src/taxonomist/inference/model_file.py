@@ -41,12 +41,29 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
     return read_metadata(resolve_model(path))
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """Load a checkpoint or an ONNX file. Returns (model in eval mode, metadata, taxonomy)."""
+def load_model(path: str | Path, device: str = "cpu", trust_code: bool = False):
+    """Load a checkpoint or an ONNX file. Returns (model in eval mode, metadata, taxonomy).
+
+    A model file is data: a checkpoint whose backbone would import or fetch code is refused unless `trust_code`
+    (`--trust-code`). An ONNX graph runs in onnxruntime and builds no backbone, so the backbone its metadata
+    names is never imported, trusted or not."""
     if is_onnx(path):
         from taxonomist.inference.onnx_model import load_onnx_model
 
         return load_onnx_model(resolve_model(path), device=device)
     from taxonomist.train.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, device=device)
+    return load_checkpoint(path, device=device, trust_code=trust_code)
+
+
+def model_file_parts(path: str | Path) -> list[tuple[Path, str]]:
+    """The files a model consists of, each with a few words saying what it is (for `refuse_output_over_inputs`):
+    a checkpoint's weights, its JSON metadata and OOD statistics; an ONNX file and its OOD statistics."""
+    from taxonomist.inference.calibrate import ood_path
+    from taxonomist.train.checkpoint import metadata_path
+
+    p = resolve_model(path)
+    parts = [(p, "a model file"), (ood_path(p), "a model's OOD statistics")]
+    if not is_onnx(p):
+        parts.append((metadata_path(p), "a model's metadata"))
+    return parts

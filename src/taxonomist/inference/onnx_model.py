@@ -86,7 +86,7 @@ def metadata_from_props(props: Mapping[str, str | bytes], where: str) -> dict[st
         pre = json.loads(props[PREPROCESSING_KEY])
         temperature = float(props[TEMPERATURE_KEY])
         rest = json.loads(props[METADATA_KEY])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise ModelError(f"{where}: corrupt taxonomist metadata ({e})") from None
     if version > FORMAT_VERSION:
         raise ModelError(f"{where}: metadata format {version} is newer than this taxonomist reads "

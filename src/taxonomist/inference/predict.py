@@ -20,7 +20,7 @@ import pandas as pd
 from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations, read_csv_table
 from taxonomist.decide import (COMBINE_MODES, DECISIONS, OOD_METHODS, VIEW_MODES, ancestor_operator,
                                apply_temperature, candidate_nodes, combine_probs, decide, ensemble_disagreement,
-                               expected_distance, ood_fallback, softmax)
+                               expected_distance, ood_fallback, resolve_ood_method, softmax)
 from taxonomist.errors import ConfigError, DataError, ModelError, SubmissionError
 from taxonomist.inference.ood_model import MODEL_OOD_METHODS
 from taxonomist.inference.sharding import (DEFAULT_CHUNK_SIZE, ChunkResult, PartStore, Shard, chunk_count, chunk_key,
@@ -37,7 +37,7 @@ DEFAULT_OOD_TPR = 0.95
 #: `--ood` methods: scores fitted at calibration from features and logits, scores that run the model again
 #: (ODIN, MC-dropout; thresholds stored when trained with `decide.model_ood`), and the disagreement of the
 #: members of an ensemble (mutual information of their tempered probabilities).
-PREDICT_OOD_METHODS = (*OOD_METHODS, *MODEL_OOD_METHODS, "ensemble")
+PREDICT_OOD_METHODS = ("auto", *OOD_METHODS, *MODEL_OOD_METHODS, "ensemble")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -333,7 +333,8 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             weights: Sequence[float] | None = None, progress: bool = True, selective_threshold: float | None = None,
             ood_fallback_level: str | int | float | None = "auto", tta_mode: str = "mean_probs",
             split: str | None = None, num_workers: int = -1, fill_unreadable: bool = False,
-            chunk_size: int = DEFAULT_CHUNK_SIZE, resume: bool = False, strict: bool = False) -> PredictSummary:
+            chunk_size: int = DEFAULT_CHUNK_SIZE, resume: bool = False, strict: bool = False,
+            trust_code: bool = False, top_k: int | None = None) -> PredictSummary:
     """Predict every image of `images` with one model or an ensemble, and write `out`.
 
     Args:
@@ -343,14 +344,17 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             ensemble_mode)`.
         images: a folder (recursive), a CSV with a `path` column relative to its folder (other columns are
             kept), or a dataset directory (`split` keeps one split).
-        decision: `argmax`, `min-risk`, `backoff` or `selective` (`decide.decide`).
+        decision: `argmax`, `min-risk`, `backoff`, `selective`, `rollup` or `common-ancestor` (`decide.decide`).
         candidates: `None` (training labels for argmax/min-risk, every node for backoff/selective; the
             training labels for every rule with `fmt='kaggle'`), `all`, `fathomnet2025`, a file or a list.
-        thresholds: backoff thresholds, `species=0.6,…`, a dict or one number (default: the config ladder).
+        thresholds: backoff thresholds, `species=0.6,…`, a dict or one number (default: the config ladder);
+            rollup's sum (default 0.65) or common-ancestor's share (default 0.78), one number.
+        top_k: rollup (default 5) and common-ancestor (default 15): how many of the most probable labels count.
         selective_threshold: the selective rule's P(answer) target (default: `thresholds` when it is one
             number, else 0.5).
-        ood: one of `PREDICT_OOD_METHODS`: adds `ood_score` and `unknown` columns. `msp`, `max-logit`,
-            `energy`, `mahalanobis`, `knn` use the statistics stored at calibration; `odin` and `mc-dropout`
+        ood: one of `PREDICT_OOD_METHODS`: adds `ood_score` and `unknown` columns. `auto` is
+            `decide.AUTO_OOD_METHOD` (mahalanobis). `msp`, `max-logit`, `energy`, `mahalanobis`, `knn`,
+            `relative-mahalanobis`, `vim`, `react-energy` use the statistics stored at calibration; `odin` and `mc-dropout`
             run the model again per image (`inference.ood_model`, with the options the checkpoint was
             calibrated with — `decide.model_ood` at training — else the defaults; PyTorch checkpoints only);
             `ensemble` scores the members' disagreement (mutual information; two or more checkpoints and an
@@ -372,6 +376,11 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         resume: keep the parts of an interrupted run with the same models, options and images (a part whose
             key differs is predicted again); without it every chunk is predicted.
         strict: stop at the first unreadable image with an error naming it, instead of skipping and listing it.
+        trust_code: load checkpoints whose backbone imports code (`module:`) or fetches it (`open_clip:hf-hub:`);
+            without it they are refused (a model file is data). ONNX files never import their backbone.
+
+    `out` may not be one of the inputs (the images CSV, the dataset's annotations.csv or taxonomy.csv, an image, a
+    model file, the candidates file): that is refused before anything runs.
 
     Under torchrun (WORLD_SIZE > 1) chunk c goes to rank c mod WORLD_SIZE (gloo on CPU, nccl on CUDA, each
     rank on cuda:LOCAL_RANK), and rank 0 merges the parts in chunk order once every rank is done, so the
@@ -400,10 +409,12 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     ckpts = [resolve_model(p) for p in paths]
     if weights is not None and len(weights) != len(ckpts):
         raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
+    ood = resolve_ood_method(ood)  # `auto`: the score measured best on real data
     check_ood_options(ood, ood_threshold, ood_tpr, ckpts)
     if ood_tpr is not None:
         check_tpr(ood_tpr)
     metas = [read_model_metadata(ckpt) for ckpt in ckpts]
+    _check_trusted(ckpts, metas, trust_code)  # refused now, before the images are read or OUT.parts/ is made
     meta0 = metas[0]
     taxonomy = taxonomy_from_json(meta0["taxonomy"])
     for ckpt, meta in zip(ckpts[1:], metas[1:]):
@@ -417,10 +428,11 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     if candidates is None and fmt == "kaggle":
         candidates = ""  # a submission may only name labels the scorer knows
     cand = None if candidates is None else candidate_nodes(taxonomy, candidates)
-    rule_thr = _rule_thresholds(decision, parse_thresholds(thresholds), selective_threshold, taxonomy)
+    rule_thr = _rule_thresholds(decision, parse_thresholds(thresholds), selective_threshold, taxonomy, top_k)
     fallback = _parse_fallback(ood_fallback_level, taxonomy) if ood else None
     tta_views = _tta_views(tta)
     images_in = read_images(images, split)
+    _refuse_out_over_inputs(out, ckpts, images_in, candidates)
     ids = _annotation_ids(images_in) if fmt == "kaggle" else None
 
     shard = Shard.from_env()
@@ -432,7 +444,7 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         torch.cuda.set_device(dev)
     configure_threads(0, dev, num_workers)
     rules = _Rules(taxonomy, decision, cand, metric, rule_thr, weights, ensemble_mode, ood, ood_threshold, ood_tpr,
-                   fallback, tta_views, tta_mode, batch_size, num_workers, strict)
+                   fallback, tta_views, tta_mode, batch_size, num_workers, strict, top_k)
     base_key = run_key({"models": [_model_identity(c, m) for c, m in zip(ckpts, metas)], "rules": rules.key(),
                         "images": str(images_in.root.resolve())})
     store = PartStore(out)
@@ -440,7 +452,7 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     try:
         mine = shard.chunks(len(images_in.rows), chunk_size)
         n_answered, n_resumed = _predict_chunks(ckpts, images_in, mine, store, base_key, rules, dev, shard,
-                                                resume, progress)
+                                                resume, progress, trust_code)
         n_resumed_all, _ = sum_across([n_resumed, 0], shard, dev)  # also: wait until every rank is done
     finally:
         end_group(started)
@@ -510,6 +522,7 @@ class _Rules:
     batch_size: int
     num_workers: int
     strict: bool = False     # fail on the first unreadable image; changes no answer, so not part of the key
+    top_k: int | None = None  # rollup / common-ancestor: the labels that count (None: the rule's default)
 
     def key(self) -> dict:
         """What a part file's key covers (the batch size too: it can move float results in the last digit)."""
@@ -519,7 +532,7 @@ class _Rules:
                 "ensemble_mode": self.ensemble_mode, "ood": self.ood, "ood_threshold": self.ood_threshold,
                 "ood_tpr": self.ood_tpr, "fallback": repr(self.fallback),
                 "tta": [v.name for v in self.tta_views] if self.tta_views else None, "tta_mode": self.tta_mode,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "top_k": self.top_k}
 
 
 def _model_identity(path: Path, meta: dict) -> dict:
@@ -529,8 +542,44 @@ def _model_identity(path: Path, meta: dict) -> dict:
             "metadata": run_key(meta)}
 
 
+def _check_trusted(ckpts: list[Path], metas: list[dict], trust_code: bool) -> None:
+    """A checkpoint whose backbone imports code is refused without `trust_code` (an ONNX file builds none)."""
+    from taxonomist.inference.model_file import is_onnx
+    from taxonomist.models.backbones import check_backbone_trusted
+    from taxonomist.train.checkpoint import metadata_path
+
+    for ckpt, meta in zip(ckpts, metas):
+        config = meta.get("model_config")
+        if not is_onnx(ckpt) and isinstance(config, dict):
+            check_backbone_trusted(config.get("backbone"), metadata_path(ckpt), trust_code)
+
+
+def _refuse_out_over_inputs(out, ckpts: list[Path], images_in: ImageInput, candidates) -> None:
+    """`out` must be none of the files predict reads: refused by resolved path (or as the same file)."""
+    from taxonomist.inference.model_file import model_file_parts
+    from taxonomist.utils.files import refuse_output_over_inputs
+
+    what = {"csv": "the images CSV", "dataset": "the dataset's annotations.csv"}.get(images_in.kind, "the images folder")
+    inputs = [(images_in.source, what)]
+    if images_in.kind == "dataset":
+        inputs.append((images_in.root / "taxonomy.csv", "the dataset's taxonomy.csv"))
+    if isinstance(candidates, (str, Path)) and str(candidates) not in ("", "all", "fathomnet2025"):
+        inputs.append((Path(candidates), "the candidates file"))
+    for ckpt in ckpts:
+        inputs += model_file_parts(ckpt)
+    refuse_output_over_inputs(out, inputs)
+    # an image among the inputs (a folder, or the rows of a CSV or dataset)
+    try:
+        relative = Path(out).expanduser().resolve().relative_to(images_in.root.resolve()).as_posix()
+    except ValueError:
+        return
+    if relative in set(images_in.rows["path"].astype(str)):
+        refuse_output_over_inputs(out, [(images_in.root / relative, "one of the images")])
+
+
 def _predict_chunks(ckpts: list[Path], images_in: ImageInput, mine: list, store: PartStore, base_key: str,
-                    rules: _Rules, dev, shard: Shard, resume: bool, progress: bool) -> tuple[int, int]:
+                    rules: _Rules, dev, shard: Shard, resume: bool, progress: bool,
+                    trust_code: bool = False) -> tuple[int, int]:
     """Predict this process's chunks into part files; return (rows answered, chunks kept from a previous run)."""
     from tqdm import tqdm
 
@@ -549,7 +598,7 @@ def _predict_chunks(ckpts: list[Path], images_in: ImageInput, mine: list, store:
     if not todo:
         return n_answered, n_resumed
     # models load once per process, and not at all when every chunk of a resumed process is done
-    loaded = [_Loaded(p, *load_model(p, device=str(dev))) for p in ckpts]
+    loaded = [_Loaded(p, *load_model(p, device=str(dev), trust_code=trust_code)) for p in ckpts]
     scorers = member_ood_scorers(ckpts, rules.ood, rules.ood_threshold, rules.ood_tpr) if rules.ood else None
     desc = "predict" if shard.world == 1 else f"predict (rank 0 of {shard.world})"
     with tqdm(total=sum(b - a for _, a, b, _ in todo), desc=desc, unit="img", leave=False, file=sys.stderr,
@@ -578,7 +627,7 @@ def _predict_chunk(loaded: list[_Loaded], chunk: ImageInput, offset: int, rules:
     probs = aligned[0][0] if len(aligned) == 1 else combine_probs([m[0] for m in aligned], rules.weights,
                                                                   rules.ensemble_mode, kind="probs")
     nodes = decide(probs, taxonomy, rules.decision, candidates=rules.cand, metric=rules.metric,
-                   thresholds=rules.rule_thr).nodes.copy()
+                   thresholds=rules.rule_thr, top_k=rules.top_k).nodes.copy()
     ood_score, unknown = empty_f, np.zeros(0, dtype=bool)
     if scorers is not None:
         ood_score, unknown = _flag_unknowns(rules, scorers, loaded, aligned, chunk, common, dev)
@@ -604,10 +653,17 @@ def _read_part(store: PartStore, chunk: int, base_key: str, images_in: ImageInpu
     return part
 
 
-def _rule_thresholds(decision: str, thr, selective_threshold: float | None, taxonomy: Taxonomy):
-    """The `thresholds` argument of `decide` for the rule, validated against the taxonomy."""
+def _rule_thresholds(decision: str, thr, selective_threshold: float | None, taxonomy: Taxonomy,
+                     top_k: int | None = None):
+    """The `thresholds` argument of `decide` for the rule, validated against the taxonomy (and `top_k` checked
+    against the rule: only rollup and common-ancestor take it)."""
     from taxonomist.decide import node_thresholds
+    from taxonomist.decide.heuristics import check_top_k
 
+    if top_k is not None:
+        if decision not in ("rollup", "common-ancestor"):
+            raise ConfigError("--top-k applies to --decision rollup and common-ancestor only")
+        check_top_k(top_k, "--top-k")
     if decision == "selective":
         if isinstance(thr, Mapping):
             raise ConfigError("--thresholds RANK=P applies to backoff; the selective rule takes one number "
@@ -617,6 +673,12 @@ def _rule_thresholds(decision: str, thr, selective_threshold: float | None, taxo
         return value
     if selective_threshold is not None:
         raise ConfigError("--selective-threshold applies to --decision selective only")
+    if decision in ("rollup", "common-ancestor"):
+        if isinstance(thr, Mapping):
+            raise ConfigError(f"--thresholds RANK=P applies to backoff; {decision} takes one number (--thresholds P)")
+        if thr is not None:
+            node_thresholds(taxonomy, thr)
+        return thr
     if decision == "backoff":
         node_thresholds(taxonomy, thr)
     return thr

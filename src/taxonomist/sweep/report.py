@@ -220,8 +220,11 @@ def render_sweep_report(study, result) -> str:
     per_rank, best_metrics, per_rank_note = [], {}, ""
     if best:
         metrics_file = Path(best["run_dir"]) / "metrics.json"
-        if metrics_file.is_file():
-            m = json.loads(metrics_file.read_text(encoding="utf-8"))
+        try:  # a trial's folder is data from disk: an unreadable metrics.json is the same as none
+            m = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None
+        except (OSError, ValueError, RecursionError):
+            m = None
+        if isinstance(m, dict):
             per_rank = [{"level": level, "n": _num(v.get("n")), "top1": _num(v.get("top1")),
                          "top5": _num(v.get("top5")), "macro_f1": _num(v.get("macro_f1")),
                          "avg_confidence": _num(v.get("avg_confidence"))} for level, v in m.get("per_rank", {}).items()]

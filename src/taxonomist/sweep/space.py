@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from taxonomist.config import Config, _coerce
+from taxonomist.config import Config, _coerce, check_range
 from taxonomist.errors import ConfigError
 from taxonomist.taxonomy.core import suggest
+from taxonomist.utils.safe_parse import read_yaml
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 #: keys the sweep sets itself
@@ -107,7 +106,7 @@ def _parameter(key: str, spec: Any, hint: Any, source: str) -> Parameter:
                 raise ConfigError(f"{source}: {key}: choice values must be numbers, text or booleans, not {v!r} "
                                   "(write a pair as text: \"0.2,1.0\")")
             try:
-                _coerce(v, hint, key)
+                check_range(key, _coerce(v, hint, key))
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
         if len(set(map(repr, args))) != len(args):
@@ -126,9 +125,14 @@ def _parameter(key: str, spec: Any, hint: Any, source: str) -> Parameter:
     low, high = (_number(a, key, source, integer) for a in args[:2])
     if not low < high:
         raise ConfigError(f"{source}: {key}: {kind} needs low < high, got [{args[0]}, {args[1]}]")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{source}: {key}: loguniform needs low > 0, got {args[0]}")
+    for bound in (low, high):  # a trial must not fail on a value the config refuses
+        try:
+            check_range(key, bound)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {kind} bound: {e}") from None
     if kind == "loguniform":
-        if low <= 0:
-            raise ConfigError(f"{source}: {key}: loguniform needs low > 0, got {args[0]}")
         return Parameter(key, kind, dist.FloatDistribution(low, high, log=True))
     step = _number(args[2], key, source, integer) if len(args) == 3 else None
     if step is not None and not step > 0:
@@ -168,13 +172,7 @@ def load_space(path: str | Path) -> list[Parameter]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: search space file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_space(data, str(path))
+    return parse_space(read_yaml(path, ConfigError), str(path))
 
 
 def suggest_values(trial, params: list[Parameter]) -> dict[str, Any]:

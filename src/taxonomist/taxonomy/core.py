@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -16,6 +17,10 @@ from taxonomist.errors import TaxonomyError, UnknownLabelError
 #: The seven Linnaean ranks, coarse to fine. The one place in the project that knows their names.
 RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 RANK_INDEX = {r: i for i, r in enumerate(RANKS)}
+#: The most names one lineage may hold, root to leaf. Real trees stay far below it (the seven Linnaean ranks;
+#: WoRMS or NCBI lineages with sub- and super-ranks, 20–50); a deeper table is refused on reading, because the
+#: ancestor table and the distance computations cost nodes × depth (a 10,000-node chain took 2.5 GB).
+MAX_DEPTH = 128
 
 
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
@@ -48,8 +53,12 @@ class Level:
 
 
 def _positions(per_label: np.ndarray, nodes: list[int]) -> np.ndarray:
-    pos = {n: k for k, n in enumerate(nodes)}
-    return np.array([pos.get(int(i), -1) for i in per_label], dtype=np.int64)
+    """Position in `nodes` of each node index in `per_label` (-1 for -1 or a node not listed), vectorised."""
+    per_label = np.asarray(per_label, dtype=np.int64)
+    size = max(int(per_label.max(initial=-1)), max(nodes, default=-1)) + 1
+    lookup = np.full(size + 1, -1, dtype=np.int64)   # the extra last cell answers -1 for per_label == -1
+    lookup[np.asarray(nodes, dtype=np.int64)] = np.arange(len(nodes))
+    return lookup[per_label]
 
 
 @dataclass(frozen=True)
@@ -81,18 +90,30 @@ class Taxonomy:
     def __post_init__(self):
         index = {n: i for i, n in enumerate(self.names)}
         if len(index) != len(self.names):
-            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            dup = sorted(n for n, k in Counter(self.names).items() if k > 1)
             raise TaxonomyError(f"duplicate node names: {', '.join(dup[:5])}")
         object.__setattr__(self, "_index", index)
         for i, p in enumerate(self.parents):
             if p >= i:
                 raise TaxonomyError(f"internal ordering error: parent of {self.names[i]!r} comes after it")
+        if len(self) and self.max_depth >= MAX_DEPTH:
+            deepest = int(self.depths.argmax())
+            raise TaxonomyError(f"{self._chain(deepest)} holds {self.max_depth + 1} names; a lineage may hold at most "
+                                f"{MAX_DEPTH} (taxonomist.taxonomy.MAX_DEPTH)")
         for lab in self.labels:
             if lab not in index:
                 raise UnknownLabelError(f"label {lab!r} is not a node of the taxonomy{suggest(lab, self.names)}")
         if len(set(self.labels)) != len(self.labels):
-            dup = sorted({lab for lab in self.labels if self.labels.count(lab) > 1})
+            dup = sorted(lab for lab, k in Counter(self.labels).items() if k > 1)
             raise TaxonomyError(f"duplicate labels: {', '.join(dup[:5])}")
+
+    def _chain(self, i: int) -> str:
+        """`the lineage of 'X' ('A' → 'B' → … → 'X')`, its first and last names only, for an error message."""
+        path = self._path(i)
+        shown = [repr(self.names[j]) for j in path]
+        if len(shown) > 6:
+            shown = shown[:3] + ["…"] + shown[-2:]
+        return f"the lineage of {self.names[i]!r} ({' → '.join(shown)})"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -232,10 +253,10 @@ class Taxonomy:
 
     def descendants(self, name: str) -> list[str]:
         """Proper descendants in taxonomy order."""
-        anc = self.ancestor_table()
         i = self.index(name)
-        d = self.depths[i]
-        return [self.names[j] for j in range(len(self)) if j != i and self.depths[j] >= d and anc[j, d] == i]
+        below = self.ancestor_table()[:, self.depths[i]] == i  # -1 for the nodes above that depth
+        below[i] = False
+        return [self.names[j] for j in np.flatnonzero(below)]
 
     @property
     def roots(self) -> list[str]:
@@ -284,7 +305,13 @@ class Taxonomy:
     @property
     def depths(self) -> np.ndarray:
         """Depth of each node; roots have depth 0."""
-        return self._cached("_depths", lambda: np.array([len(self._path(i)) - 1 for i in range(len(self))]))
+        def build():
+            depths = np.zeros(len(self), dtype=np.int64)
+            for i, p in enumerate(self.parents):  # parents come first: one pass
+                if p >= 0:
+                    depths[i] = depths[p] + 1
+            return depths
+        return self._cached("_depths", build)
 
     @property
     def max_depth(self) -> int:
@@ -341,7 +368,7 @@ class Taxonomy:
                 first = 0 if len(self.roots) > 1 else 1
                 for depth in range(first, self.max_depth + 1):
                     per_label = anc[label_idx, depth]
-                    nodes = [i for i in range(len(self)) if self.depths[i] == depth]
+                    nodes = np.flatnonzero(self.depths == depth).tolist()
                     out.append(Level(f"depth{depth}", tuple(self.names[i] for i in nodes), _positions(per_label, nodes)))
             return out
         return self._cached("_levels", build)

@@ -73,21 +73,33 @@ def lca_distance(taxonomy: Taxonomy, rows: Sequence[str] | None = None, cols: Se
             raise TaxonomyError(f"rank weight of {r!r} must be a finite number >= 0, got {w!r}")
     edge = np.array([weights.get(r, default_weight) if r else default_weight for r in taxonomy.ranks])
     anc = taxonomy.ancestor_table()  # (N, D): ancestor at each depth, -1 below the node
-    # weight of the path root→node at each depth: cumulative sum of edge weights along the lineage
-    # (every root is one edge below the virtual root)
-    cum = np.where(anc >= 0, edge[np.maximum(anc, 0)], 0.0).cumsum(axis=1)
-    total = np.take_along_axis(cum, taxonomy.depths[:, None], axis=1)[:, 0]
-    a_anc, b_anc = anc[ri], anc[ci]
+    a_anc, b_anc = anc[ri], anc[ci]  # only the rows asked for: (R, D) and (C, D), not (N, D), are weighed
+
+    def path_weights(lineages: np.ndarray) -> np.ndarray:
+        # weight of the path root→node at each depth: cumulative sum of edge weights along the lineage
+        # (every root is one edge below the virtual root)
+        return np.where(lineages >= 0, edge[np.maximum(lineages, 0)], 0.0).cumsum(axis=1)
+
+    cum_a, cum_b = path_weights(a_anc), path_weights(b_anc)
+    total_a = np.take_along_axis(cum_a, taxonomy.depths[ri][:, None], axis=1)[:, 0]
+    total_b = np.take_along_axis(cum_b, taxonomy.depths[ci][:, None], axis=1)[:, 0]
     shared = np.ones((len(rows), len(cols)), dtype=bool)
     lca_weight = np.zeros((len(rows), len(cols)))
-    for depth in range(anc.shape[1]):
+    # the levels every row and column share (the root; the trunk of a deep narrow tree) cost no (R, C) pass
+    first = 0
+    while (first < anc.shape[1] and len(rows) and len(cols) and a_anc[0, first] >= 0
+           and (a_anc[:, first] == a_anc[0, first]).all() and (b_anc[:, first] == a_anc[0, first]).all()):
+        first += 1
+    if first:
+        lca_weight[:] = cum_a[:, first - 1][:, None]
+    for depth in range(first, anc.shape[1]):
         same = (a_anc[:, depth][:, None] == b_anc[:, depth][None, :]) & (a_anc[:, depth][:, None] >= 0)
         shared &= same
         if not shared.any():
             break
-        # cum[i, depth] is the same for both sides while their lineages agree
-        lca_weight = np.where(shared, cum[ri, depth][:, None], lca_weight)
-    return total[ri][:, None] + total[ci][None, :] - 2.0 * lca_weight
+        # cum_a[r, depth] is the same for both sides while their lineages agree
+        np.copyto(lca_weight, cum_a[:, depth][:, None], where=shared)
+    return total_a[:, None] + total_b[None, :] - 2.0 * lca_weight
 
 
 def distance_matrix(taxonomy: Taxonomy, metric: str = "lca", rows: Sequence[str] | None = None,

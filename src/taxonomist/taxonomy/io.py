@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _read_csv(path: str | Path, what: str) -> tuple[list[str], list[dict[str, st
     reader = csv.DictReader(io.StringIO(text))
     try:
         header = [h.strip() for h in (reader.fieldnames or [])]
-        repeated = sorted({h for h in header if header.count(h) > 1})
+        repeated = sorted(h for h, k in Counter(header).items() if k > 1)  # linear: a header may be huge
         if repeated:
             raise TaxonomyError(f"{path}: column {repeated[0]!r} appears twice in the header")
         reader.fieldnames = header

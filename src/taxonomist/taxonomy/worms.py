@@ -107,7 +107,7 @@ def resolve_names(names: Iterable[str], client: AncestorClient | None = None, ca
     if cache_path.exists():
         try:
             cache = json.loads(cache_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             cache = None  # type: ignore[assignment]
         if not isinstance(cache, dict):
             raise TaxonomistError(f"{cache_path}: the WoRMS cache is corrupt; delete it to start again")

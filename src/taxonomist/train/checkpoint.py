@@ -63,7 +63,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{meta_file}: checkpoint metadata not found (expected beside {path.name})")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ModelError(f"{meta_file}: corrupt checkpoint metadata") from None
     missing = [k for k in REQUIRED_METADATA if not isinstance(meta, dict) or k not in meta]
     if missing:
@@ -122,7 +122,7 @@ def check_metadata(path: Path, meta: dict[str, Any], taxonomy: Taxonomy) -> None
         return  # written before the header carried these; the shape check in load_checkpoint still applies
     try:
         header = json.loads(stored)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         header = None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: corrupt {HEADER_KEY!r} entry in the safetensors header")
@@ -134,13 +134,20 @@ def check_metadata(path: Path, meta: dict[str, Any], taxonomy: Taxonomy) -> None
                              f"({header[key][:24]!r} vs {value[:24]!r}); keep each .safetensors with its own .json")
 
 
-def load_checkpoint(path_or_run: str | Path, device: str = "cpu"):
-    """Rebuild the model of a checkpoint and load its weights. Returns (model in eval mode, metadata, taxonomy)."""
+def load_checkpoint(path_or_run: str | Path, device: str = "cpu", trust_code: bool = False):
+    """Rebuild the model of a checkpoint and load its weights. Returns (model in eval mode, metadata, taxonomy).
+
+    A checkpoint is data: a backbone that would import or fetch code (`module:PKG:FACTORY`, an
+    `open_clip:hf-hub:` model) is refused with a ModelError unless `trust_code` (the CLI's `--trust-code`). The
+    other fields that select code are checked against registries when the model is built (timm names, heads,
+    fine-tuning modes, interpolations, OOD methods).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from taxonomist.config import ModelConfig, _apply
     from taxonomist.models import build_model
+    from taxonomist.models.backbones import check_backbone_trusted
     from taxonomist.models.pretrained import describe_mismatch
 
     path = resolve_checkpoint(path_or_run)
@@ -155,6 +162,8 @@ def load_checkpoint(path_or_run: str | Path, device: str = "cpu"):
     except TaxonomistError as e:  # a taxonomy edited into an invalid tree
         raise ModelError(f"{metadata_path(path)}: {e}") from None
     check_metadata(path, meta, taxonomy)
+    # before anything is built (the top-level `backbone` is a label that check_metadata ties to model_config)
+    check_backbone_trusted(model_cfg.backbone, metadata_path(path), trust_code)
     model_cfg.pretrained = "none"  # the checkpoint holds every weight
     model = build_model(model_cfg, taxonomy, image_size)
     try:

@@ -194,9 +194,61 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, on_epoch=None) -> TrainResult:
+def is_run_dir(folder: str | Path) -> bool:
+    """True for a taxonomist run directory: RUN/run.json (written since the run status existed), or for runs of
+    older versions a checkpoint in RUN/checkpoints (`*.safetensors` with its `.json`)."""
+    from taxonomist.utils.run_status import read_status
+
+    folder = Path(folder)
+    if read_status(folder):
+        return True
+    ckpts = folder / "checkpoints"
+    return ckpts.is_dir() and any(p.with_suffix(".json").is_file() for p in ckpts.glob("*.safetensors"))
+
+
+def check_run_out(cfg: Config, resume: bool = False, force: bool = False, kfold: bool = False) -> Path:
+    """Refuse an `out` that training must not write into, before anything is read or written; return it.
+
+    Refused always: an empty `out` (it would be the current folder), a filesystem root, a file, and a folder whose
+    files training would overwrite that are its own inputs (the dataset's annotations.csv or taxonomy.csv, the
+    data.taxonomy file). Refused unless `resume` or `force`: a folder that exists, is not empty and is not a
+    taxonomist run (`is_run_dir`; with `kfold`, one of its `fold_K` runs counts too).
+    """
+    text = str(cfg.out or "").strip()
+    if not text:
+        raise ConfigError("out is empty: give the run directory, e.g. --set out=runs/first (an empty out would "
+                          "train into the current folder)")
+    out = Path(text).expanduser()
+    resolved = out.resolve()
+    if resolved.parent == resolved:
+        raise ConfigError(f"out={text}: a filesystem root cannot be a run directory; give a folder such as runs/first")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={text}: is a file, not a folder; give the run directory")
+    written = {resolved / name for name in ("config.yaml", "taxonomy.csv", "metrics.csv", "metrics.json",
+                                            "predictions.csv", "report.html", "run.json", "errors.log")}
+    if cfg.data.root and Path(cfg.data.root).expanduser().resolve() == resolved:
+        raise ConfigError(f"out={text} is the dataset folder data.root={cfg.data.root}: training would write its "
+                          "taxonomy.csv and config.yaml among the dataset's files; give another run directory")
+    tax = Path(cfg.data.taxonomy).expanduser() if cfg.data.taxonomy not in ("", "fathomnet2025") else None
+    if tax is not None and tax.resolve() in written:
+        raise ConfigError(f"out={text}: training would write over its own input data.taxonomy={cfg.data.taxonomy}; "
+                          "give another run directory")
+    if resume or force or not out.is_dir() or not any(out.iterdir()):
+        return out
+    if is_run_dir(out) or (kfold and any(is_run_dir(f) for f in out.glob("fold_*"))):
+        return out
+    raise ConfigError(f"out={text} exists, is not empty and is not a taxonomist run (no run.json or checkpoints); "
+                      "training would write config.yaml, taxonomy.csv and report.html among its files — choose "
+                      "another out, or pass --force to write into it")
+
+
+def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, on_epoch=None,
+          force: bool = False) -> TrainResult:
     """Train a model as `cfg` says and write the run directory of DESIGN.md (config, taxonomy, checkpoints,
     metrics.csv). Evaluation files (metrics.json, predictions.csv) are written by `taxonomist.evaluate`.
+
+    `out` must be new, empty or a taxonomist run (`check_run_out`); `force` lets training write into another
+    existing folder (never over the dataset's own files), `resume` continues the run there.
 
     `on_epoch(epoch, row)`, when given, is called on rank 0 after each epoch's checkpoints and metrics.csv row
     are written (`row`: that row as a dict); an exception it raises (e.g. a sweep pruning the trial) stops
@@ -219,6 +271,8 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     if not cfg.data.root:
         raise ConfigError("data.root is not set: pass --set data.root=DATASET_DIR (or data: {root: …} in the YAML)")
 
+    # every rank checks before the process group forms, so that no rank sees rank 0's first files
+    check_run_out(cfg, resume=resume, force=force)
     world, rank, local_rank = _distributed()
     is_main = rank == 0
     device = select_device(cfg.train.device)

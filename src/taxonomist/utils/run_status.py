@@ -29,7 +29,7 @@ def read_status(run_dir: str | Path) -> dict:
         if path.stat().st_size > 1_000_000:
             return {}
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested a thousand levels deep
         return {}
     return value if isinstance(value, dict) else {}
 

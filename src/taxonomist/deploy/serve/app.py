@@ -3,20 +3,38 @@
 `create_app(model, …)` builds it; `taxonomist serve` runs it with uvicorn. Bad input never reaches the model:
 every refusal is a 4xx answer `{"error": "…"}`. No endpoint reads a server path or fetches a URL; the page is
 plain files from `static/` and the Content-Security-Policy keeps it from loading anything from elsewhere.
+
+Each upload is checked and decoded before it joins a batch, within a pixel budget per upload and a budget of
+pixels decoded at once (`DecodeBudget`); a batch that still fails runs again request by request, so only the
+request at fault gets an error. Bound to loopback, the service answers only requests whose `Host` is a loopback
+name (DNS rebinding); it sends no CORS headers, so pages of other origins cannot read its answers.
 """
 
 import asyncio
 import hmac
 import json
+import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from taxonomist.deploy.serve.batcher import MicroBatcher
+from taxonomist.deploy.serve.batcher import BatcherStopped, MicroBatcher
 from taxonomist.deploy.serve.boxes import parse_bbox
 from taxonomist.deploy.serve.predictor import Predictor, ServeOptions
-from taxonomist.deploy.serve.uploads import MAX_IMAGE_PIXELS, UploadError, decode_upload
+from taxonomist.deploy.serve.uploads import (
+    MAX_DECODES,
+    MAX_IMAGE_PIXELS,
+    MAX_PIXEL_OPTION,
+    DecodeBudget,
+    UploadError,
+    check_image_header,
+    decode_upload,
+    upload_pixels,
+)
+
+log = logging.getLogger("taxonomist.serve")
 
 STATIC = Path(__file__).parent / "static"
 #: Environment variable through which `taxonomist serve --workers N` hands its settings to each worker process.
@@ -27,6 +45,14 @@ PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+#: `Host` names a loopback-bound service answers (plus the bound address and --allowed-host names).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: Longest a request may take to send its body (`--read-timeout`); a slower client gets 408.
+READ_TIMEOUT_S = 60.0
+#: Largest values the time and size options take: beyond them a typo (or `inf`) would disable the limit.
+MAX_WAIT_MS_LIMIT = 60_000.0
+MAX_UPLOAD_MB_LIMIT = 4096.0
 
 SERVE_EXTRA_HINT = ("taxonomist serve needs FastAPI, uvicorn and python-multipart: "
                     "pip install 'taxonomist[serve]'")
@@ -50,22 +76,31 @@ class _TooLarge(Exception):
 
 
 def check_limits(max_batch: int, max_wait_ms: float, max_upload_mb: float, max_files: int,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Raise a `ConfigError` naming the option when a service limit is out of range."""
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_decodes: int = MAX_DECODES,
+                 read_timeout: float = READ_TIMEOUT_S) -> None:
+    """Raise a `ConfigError` naming the option and its valid range when a service limit is out of range (a
+    negative, NaN or infinite value included: `inf` would turn a limit off or stop the batching thread)."""
     from taxonomist.errors import ConfigError
 
-    for value, name in ((max_batch, "--max-batch"), (max_files, "--max-files"), (max_image_pixels, "max_image_pixels")):
+    for value, name in ((max_batch, "--max-batch"), (max_files, "--max-files"), (max_decodes, "--max-decodes")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} {value!r}: must be a positive integer")
-    if not max_wait_ms >= 0:
-        raise ConfigError(f"--max-wait-ms {max_wait_ms!r}: must be ≥ 0")
-    if not max_upload_mb > 0:
-        raise ConfigError(f"--max-upload-mb {max_upload_mb!r}: must be > 0")
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) \
+            or not 1 <= max_image_pixels <= MAX_PIXEL_OPTION:
+        raise ConfigError(f"--max-image-pixels {max_image_pixels!r}: must be an integer in 1‥{MAX_PIXEL_OPTION:,}")
+    for value, name, low, high, unit in ((max_wait_ms, "--max-wait-ms", 0.0, MAX_WAIT_MS_LIMIT, " ms"),
+                                         (max_upload_mb, "--max-upload-mb", 0.0, MAX_UPLOAD_MB_LIMIT, " MB"),
+                                         (read_timeout, "--read-timeout", 0.0, 3600.0, " s")):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not low <= value <= high or (value == 0 and name != "--max-wait-ms"):
+            lower = "≥ 0" if name == "--max-wait-ms" else "> 0"
+            raise ConfigError(f"{name} {value!r}: must be a finite number {lower} and at most {high:g}{unit}")
 
 
 def create_app(model: str | Path | Predictor, options: ServeOptions | None = None, max_batch: int = 32,
                max_wait_ms: float = 5.0, max_upload_mb: float = 20.0, token: str | None = None,
-               max_files: int = 64, max_image_pixels: int = MAX_IMAGE_PIXELS):
+               max_files: int = 64, max_image_pixels: int = MAX_IMAGE_PIXELS, max_decodes: int = MAX_DECODES,
+               allowed_hosts: list[str] | tuple[str, ...] | None = None, read_timeout: float = READ_TIMEOUT_S):
     """The FastAPI app serving `model` (a checkpoint, run directory, `.onnx` file or a loaded `Predictor`).
 
     Args:
@@ -73,7 +108,13 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
         max_batch: most images per forward pass; `max_wait_ms`: how long a batch that is not full waits.
         max_upload_mb: limit on one request's body (413 above it); `max_files`: images per request.
         token: when set, every request but `/health` and the page's files needs `Authorization: Bearer TOKEN`.
-        max_image_pixels: width × height above which an upload is refused as a decompression bomb (400).
+        max_image_pixels: width × height of an upload's first frame above which it is refused (400), read
+            from the header before decoding; `max_decodes`: how many such full-budget decodes run at once
+            (smaller images share the budget by their pixel count), so decoding takes at most about
+            max_decodes × max_image_pixels × 5 bytes.
+        allowed_hosts: when set, requests whose `Host` header names another host get 400 (`taxonomist serve`
+            sets the loopback names when it binds loopback: a DNS-rebinding guard).
+        read_timeout: seconds a client may take to send its request body (408 after).
 
     >>> app = create_app("runs/demo/run")                                   # doctest: +SKIP
     >>> TestClient(app).post("/predict", files={"file": open("a.jpg", "rb")}).json()   # doctest: +SKIP
@@ -92,11 +133,12 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
     from taxonomist import __version__
     from taxonomist.errors import ConfigError
 
-    check_limits(max_batch, max_wait_ms, max_upload_mb, max_files, max_image_pixels)
+    check_limits(max_batch, max_wait_ms, max_upload_mb, max_files, max_image_pixels, max_decodes, read_timeout)
     if token is not None and not token.strip():
         raise ConfigError("the token is empty; set the variable named by --token-env to a secret string")
     predictor = model if isinstance(model, Predictor) else Predictor.load(model, options)
     batcher = MicroBatcher(predictor.predict_images, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    budget = DecodeBudget(max_decodes * max_image_pixels)
     limit = int(max_upload_mb * 1024 * 1024)
 
     @asynccontextmanager
@@ -107,9 +149,11 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
     app = FastAPI(title="taxonomist", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Hierarchical image classification of organisms. The generated OpenAPI schema is "
                               "at /openapi.json and an offline reference at /docs.")
-    app.state.predictor, app.state.batcher = predictor, batcher
+    app.state.predictor, app.state.batcher, app.state.decode_budget = predictor, batcher, budget
     app.state.limits = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_upload_mb": max_upload_mb,
-                        "max_files": max_files, "max_image_pixels": max_image_pixels}
+                        "max_files": max_files, "max_image_pixels": max_image_pixels, "max_decodes": max_decodes,
+                        "read_timeout": read_timeout,
+                        "allowed_hosts": list(allowed_hosts) if allowed_hosts is not None else None}
 
     def error(status: int, message: str, headers: dict | None = None):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -130,11 +174,18 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
     async def internal_error(_request, exc):  # a bug, not the client's fault: no details leak out
         return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    app.add_middleware(_Guard, token=token)
+    app.add_middleware(_Guard, token=token, allowed_hosts=allowed_hosts)
+
+    def stopped():
+        return error(503, f"the service cannot answer: {batcher.failure or 'the batching thread is not running'}; "
+                          "restart it (see the server log)")
 
     # ------------------------------------------------------------------------------------ endpoints
     @app.get("/health", summary="Liveness and the model served")
     async def health():
+        if not batcher.alive:
+            return JSONResponse({"status": "error", "error": batcher.failure or "the batching thread is not running",
+                                 "model": predictor.info["model"]}, status_code=503)
         return {"status": "ok", "model": predictor.info["model"], "decision": predictor.options.decision,
                 "auth": token is not None, "inputs": predictor.inputs(), "batching": batcher.stats.as_dict()}
 
@@ -162,9 +213,15 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
               responses={400: {"description": "empty, corrupt or oversized-dimension image, a malformed form, "
                                                "a bad bbox, or files and contexts/bboxes that do not pair up"},
                          401: {"description": "missing or wrong bearer token"},
+                         408: {"description": "request body not received within --read-timeout"},
                          413: {"description": "request body over --max-upload-mb"},
-                         415: {"description": "not multipart/form-data, or a file that is not an image"}})
+                         415: {"description": "not multipart/form-data, or a file that is not an image"},
+                         422: {"description": "the model could not process this request's images (the other "
+                                              "requests of its batch were answered)"},
+                         503: {"description": "the batching thread has stopped; /health says why"}})
     async def predict(request: Request):
+        if not batcher.alive:
+            return stopped()
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
             return error(415, f"send the images as multipart/form-data in the field 'file' (got content type "
@@ -189,19 +246,34 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
         parser = MultiPartParser(request.headers, limited(), max_files=2 * max_files, max_fields=max_files + 16,
                                  max_part_size=64 * 1024)
         try:
-            form = await parser.parse()
+            form = await asyncio.wait_for(parser.parse(), read_timeout)
+        except TimeoutError:
+            return error(408, f"request body not received within {read_timeout:g} s (--read-timeout)")
         except _TooLarge:
             return error(413, f"request body exceeds the limit of {max_upload_mb:g} MB (--max-upload-mb)")
         except MultiPartException as e:
             return error(400, f"malformed multipart form: {e}")
         try:
             jobs = await _read_form(form, predictor, max_files)
-            inputs = await run_in_threadpool(_prepare, predictor, jobs, max_image_pixels)
+            inputs = []
+            for job in jobs:  # each upload is checked and decoded before any joins a batch
+                pixels = await _job_pixels(job, max_image_pixels)
+                async with budget.reserve(pixels):
+                    inputs.append(await run_in_threadpool(_prepare, predictor, job, max_image_pixels))
+                job.data = job.context_data = b""  # the bytes are done with: free them while the batch waits
         except UploadError as e:
             return error(e.status, e.message)
         finally:
             await form.close()
-        answers = await asyncio.wrap_future(batcher.submit(inputs))
+        try:
+            answers = await asyncio.wrap_future(batcher.submit(inputs))
+        except BatcherStopped:
+            return stopped()
+        except Exception as exc:  # noqa: BLE001 — run alone (the batcher retries), so this request's own input
+            log.error("the model failed on %s", ", ".join(job.filename for job in jobs), exc_info=exc)
+            names = ", ".join(repr(job.filename) for job in jobs[:3]) + (" …" if len(jobs) > 3 else "")
+            return error(422, f"{names}: the model could not process this request's images "
+                              f"({type(exc).__name__}); the other requests were answered")
         return {"predictions": [job.answer(answer) for job, answer in zip(jobs, answers)]}
 
     # ------------------------------------------------------------------------------------ the page
@@ -221,14 +293,26 @@ class _Guard:
     """ASGI middleware: the bearer-token check (when a token is set) and the security headers of every answer.
     Plain ASGI rather than `@app.middleware("http")`, which costs a task and a stream per request."""
 
-    def __init__(self, app, token: str | None):
+    def __init__(self, app, token: str | None, allowed_hosts=None):
         self.app, self.token = app, token.encode() if token is not None else None
+        self.allowed = None if allowed_hosts is None else {h.strip().strip("[]").lower() for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from starlette.datastructures import MutableHeaders
 
+        if self.allowed is not None:
+            host = dict(scope["headers"]).get(b"host")
+            name = None if host is None else host_name(host.decode("latin-1"))
+            if name is not None and name not in self.allowed:
+                from fastapi.responses import JSONResponse
+
+                shown = host.decode("latin-1")[:100]
+                response = JSONResponse({"error": f"Host {shown!r} is not served here: this service answers "
+                                                  f"{', '.join(sorted(self.allowed))} (a guard against DNS "
+                                                  "rebinding; add a name with --allowed-host)"}, status_code=400)
+                return await response(scope, receive, send)
         path = scope["path"]
         if self.token is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             given = dict(scope["headers"]).get(b"authorization", b"")
@@ -310,23 +394,40 @@ async def _read_form(form, predictor: Predictor, max_files: int) -> list[_Job]:
     return jobs
 
 
-def _prepare(predictor: Predictor, jobs: list[_Job], max_pixels: int) -> list:
-    """Decode and preprocess every image of a request, cutting frames by their boxes (in a thread-pool thread,
-    off the event loop)."""
-    inputs = []
-    for job in jobs:
-        image = decode_upload(job.data, job.filename, max_pixels)
-        if job.bbox is not None:
-            inputs.append(predictor.crops(image, job.bbox, f"field 'bbox' of {job.filename!r}"))
-        elif job.context_data is not None:
-            try:
-                context = decode_upload(job.context_data, job.context_name, max_pixels)
-            except UploadError as e:
-                raise UploadError(e.status, f"field 'context': {e.message}") from None
-            inputs.append(predictor.preprocess(image, context))
-        else:
-            inputs.append(predictor.preprocess(image))
-    return inputs
+async def _job_pixels(job: _Job, max_pixels: int) -> int:
+    """The pixels decoding `job` will take (its file's first frame, plus its context's), from the headers; an
+    `UploadError` when either exceeds `max_pixels`. PIL reads the header only for formats `declared_size` does
+    not know (TIFF, BMP, …), in a thread."""
+    from starlette.concurrency import run_in_threadpool
+
+    total = 0
+    for data, name, field in ((job.data, job.filename, None), (job.context_data, job.context_name, "context")):
+        if data is None:
+            continue
+        try:
+            pixels = upload_pixels(data, name, max_pixels) if data else None
+            if pixels is None:
+                width, height = await run_in_threadpool(check_image_header, data, name, max_pixels)
+                pixels = width * height
+        except UploadError as e:
+            raise UploadError(e.status, f"field 'context': {e.message}" if field else e.message) from None
+        total += pixels
+    return total
+
+
+def _prepare(predictor: Predictor, job: _Job, max_pixels: int):
+    """Decode and preprocess one image of a request (and its context), cutting a frame by its box (in a
+    thread-pool thread, off the event loop)."""
+    image = decode_upload(job.data, job.filename, max_pixels)
+    if job.bbox is not None:
+        return predictor.crops(image, job.bbox, f"field 'bbox' of {job.filename!r}")
+    if job.context_data is not None:
+        try:
+            context = decode_upload(job.context_data, job.context_name, max_pixels)
+        except UploadError as e:
+            raise UploadError(e.status, f"field 'context': {e.message}") from None
+        return predictor.preprocess(image, context)
+    return predictor.preprocess(image)
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -351,6 +452,18 @@ def app_from_environment():
 
 
 # ------------------------------------------------------------------------------------------ binding
+def host_name(header: str) -> str:
+    """The host name of a `Host` header, lower case, without its port or IPv6 brackets.
+
+    >>> host_name("LocalHost:8000"), host_name("[::1]:8000"), host_name("127.0.0.1")
+    ('localhost', '::1', '127.0.0.1')
+    """
+    text = header.strip().lower()
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
 def is_loopback(host: str) -> bool:
     """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); anything else reaches a network."""
     import ipaddress

@@ -60,15 +60,21 @@ def parse_bbox(text: str, where: str) -> tuple[float, float, float, float]:
 def cut_crops(frame, bbox: tuple[float, float, float, float], scale: str | None, where: str):
     """(ROI, context) uint8 CHW tensors cut from `frame` (uint8 CHW) for `bbox` at context `scale`, as `data
     prepare` writes them (the `full` context shrunk to its longer side of 1024 px); the context is None when
-    `scale` is None. A box with no pixel in the frame is an `UploadError` (400) naming `where`."""
-    from taxonomist.data.coco import box_windows
+    `scale` is None. A degenerate box — entirely outside the frame, or below one pixel once clipped to it, the
+    boxes `data prepare` lists as skipped — is an `UploadError` (400) naming `where` and the box."""
+    import numpy as np
+
+    from taxonomist.data.coco import box_windows, clip_boxes
 
     height, width = int(frame.shape[-2]), int(frame.shape[-1])
-    try:
-        (l0, t0, r0, b0), (l1, t1, r1, b1) = box_windows(bbox, scale or "full", width, height)
-    except ValueError:
-        raise UploadError(400, f"{where}: box {','.join(f'{v:g}' for v in bbox)} lies outside the "
-                               f"{width}×{height} frame") from None
+    shown = ",".join(f"{v:g}" for v in bbox)
+    w, h = clip_boxes(np.asarray(bbox, dtype=np.float64), width, height)[0, 2:]
+    if not (w > 0 and h > 0):
+        raise UploadError(400, f"{where}: box {shown} lies outside the {width}×{height} frame")
+    if w < 1 or h < 1:
+        raise UploadError(400, f"{where}: box {shown} covers {w:g}×{h:g} px of the {width}×{height} frame; a box "
+                               "needs at least one whole pixel inside the frame")
+    (l0, t0, r0, b0), (l1, t1, r1, b1) = box_windows(bbox, scale or "full", width, height)
     roi = frame[:, t0:b0, l0:r0].contiguous()
     if scale is None:
         return roi, None

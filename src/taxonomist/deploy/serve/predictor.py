@@ -42,12 +42,18 @@ class ServeOptions:
     candidates: str | None = None            # None | "" | "all" | "fathomnet2025" | a file path
     thresholds: str | float | None = None    # backoff: RANK=P,… or one number
     selective_threshold: float | None = None
+    top_k: int | None = None                 # rollup / common-ancestor: the labels that count
     ood: str | None = None
     ood_threshold: float | None = None
     ood_tpr: float | None = None
     ood_fallback: str | None = "auto"
     device: str = "cpu"
     context_scale: str | None = None         # the context a frame + box gives; None: the model's recorded one
+    trust_code: bool = False                 # load a checkpoint whose backbone imports code (`--trust-code`)
+
+    def __post_init__(self):
+        from taxonomist.decide import resolve_ood_method
+        object.__setattr__(self, "ood", resolve_ood_method(self.ood))  # `auto`: the score measured best
 
     def check(self) -> None:
         """Validate the option values that need no model (the rest is checked when the model loads)."""
@@ -114,12 +120,12 @@ class Predictor:
 
             check_ood_options(options.ood, options.ood_threshold, options.ood_tpr, [path])  # before loading
         device = select_device(options.device)
-        model, meta, taxonomy = load_model(path, device=str(device))
+        model, meta, taxonomy = load_model(path, device=str(device), trust_code=options.trust_code)
         metric = meta.get("metric", "auto")
         metric = default_metric(taxonomy) if metric in ("", "auto") else metric
         cand = None if options.candidates is None else candidate_nodes(taxonomy, options.candidates)
         rule_thr = _rule_thresholds(options.decision, parse_thresholds(options.thresholds),
-                                    options.selective_threshold, taxonomy)
+                                    options.selective_threshold, taxonomy, options.top_k)
         scorer = threshold = fallback = ood_options = None
         if options.ood:
             from taxonomist.inference.predict import member_ood_scorers
@@ -238,7 +244,7 @@ class Predictor:
         tax = self.taxonomy
         probs = apply_temperature(logits, self.temperature)
         nodes = decide(probs, tax, self.options.decision, candidates=self.candidates, metric=self.metric,
-                       thresholds=self.rule_thresholds).nodes.copy()
+                       thresholds=self.rule_thresholds, top_k=self.options.top_k).nodes.copy()
         scores = unknown = None
         if self.ood_scorer is not None or ood_scores is not None:
             # predict scores the raw (untempered) logits; the stored thresholds were fitted on those
