@@ -93,6 +93,10 @@ class TrainConfig:
     layer_decay: float = 0.0             #: 0 = off; e.g. 0.75 for layer-wise lr decay
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    #: LP-FT: fit the head on the frozen backbone's features before fine-tuning; `auto` = for pretrained
+    #: backbones that training changes (docs/training.md), `on`, `off`
+    head_warmup: str = "auto"
+    head_warmup_epochs: int = 10         #: epochs of head training over the cached features
     scheduler: str = "cosine"            #: `cosine` | `plateau` | `constant`
     grad_clip: float = 1.0               #: 0 = off
     accumulate: int = 1                  #: gradient accumulation steps
@@ -218,6 +222,7 @@ RANGES: dict[str, Range] = {
     "train.layer_decay": Range(0, 1, note="0 = off"),
     "train.weight_decay": _NONNEGATIVE,
     "train.warmup_epochs": _NONNEGATIVE,
+    "train.head_warmup_epochs": Range(1, 1000),
     "train.grad_clip": Range(0, note="0 = off"),
     "train.accumulate": Range(1, 1 << 20),
     "train.ema_decay": _FRACTION,

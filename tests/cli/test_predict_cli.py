@@ -129,3 +129,16 @@ def test_rollup_parameters_through_the_cli(run, data, tmp_path, capsys):
         assert main([*args, *bad, "--out", str(tmp_path / "x.csv")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_ood_auto_is_the_measured_default(run, data, tmp_path, capsys):
+    from taxonomist.decide import AUTO_OOD_METHOD
+    from taxonomist.deploy.serve.predictor import ServeOptions
+
+    assert AUTO_OOD_METHOD == "mahalanobis" and ServeOptions(ood="auto").ood == "mahalanobis"
+    args = ["predict", str(run), "--images", str(data), "--split", "test", "--workers", "0", "--device", "cpu"]
+    assert main([*args, "--ood", "auto", "--out", str(tmp_path / "auto.csv")]) == 0
+    assert main([*args, "--ood", "mahalanobis", "--out", str(tmp_path / "maha.csv")]) == 0
+    auto = pd.read_csv(tmp_path / "auto.csv", keep_default_na=False)
+    assert auto.equals(pd.read_csv(tmp_path / "maha.csv", keep_default_na=False))
+    assert {"ood_score", "unknown"} <= set(auto.columns)

@@ -64,11 +64,13 @@ def test_logit_scores_by_hand():
 
 
 def test_mahalanobis_and_knn_by_hand():
-    # two classes at x = ±1 on a line, pooled variance 1 (the ridge is negligible): the score is the squared
-    # distance to the nearer mean
+    # two classes at x = ±1 on a line, pooled variance 1 (with a negligible ridge): the score is the squared
+    # distance to the nearer mean; the default ridge 1 adds the mean eigenvalue (1) to the variance: half of it
     x = np.array([[-2.0], [0.0], [0.0], [2.0]])
-    scorer = build_ood_scorer("mahalanobis").fit(x, None, np.array([0, 0, 1, 1]))
+    scorer = build_ood_scorer("mahalanobis", ridge=1e-6).fit(x, None, np.array([0, 0, 1, 1]))
     assert scorer.score(np.array([[3.0], [-1.0]]), None).tolist() == pytest.approx([4.0, 0.0], rel=1e-5)
+    shrunk = build_ood_scorer("mahalanobis").fit(x, None, np.array([0, 0, 1, 1]))
+    assert shrunk.score(np.array([[3.0], [-1.0]]), None).tolist() == pytest.approx([2.0, 0.0], rel=1e-9)
     bank = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     knn = build_ood_scorer("knn", k=2).fit(bank, None, np.zeros(3, dtype=int))
     # query along x: similarities 1, 0.707, 0 -> 2nd largest cos 45° -> distance sqrt(2 - 2·cos 45°)

@@ -121,15 +121,17 @@ class EnergyScorer(MSPScorer):
 class MahalanobisScorer(OODScorer):
     """Mahalanobis distance to the nearest class mean (Lee et al. 2018): one Gaussian per class, shared covariance.
 
-    The covariance is pooled over the classes' centred features; a ridge of `ridge` × its mean eigenvalue keeps
-    the inverse finite when features are collinear (more dimensions than examples, dead units).
-    Score = min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c), computed as a squared Euclidean distance after whitening.
+    The covariance is pooled over the classes' centred features and shrunk: `ridge` × its mean eigenvalue is added
+    to every eigenvalue, Σ + ridge · (tr Σ / D) · I. The default 1 halves the weight of the smallest directions
+    relative to plain Mahalanobis: on fine-tuned plankton models it raised the AUROC of held-out taxa from 0.886
+    to 0.909 and from 0.572 to 0.601 on two held-out splits (docs/decisions.md); a tiny ridge (1e-6) gives the
+    textbook score. Score = min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c), a squared Euclidean distance after whitening.
     """
 
     method = "mahalanobis"
     uses_features = True
 
-    def __init__(self, ridge: float = 1e-6):
+    def __init__(self, ridge: float = 1.0):
         self.ridge = check_positive(ridge, "ridge", allow_zero=True)
         self.whitener: np.ndarray | None = None   # (D, D): Σ⁻¹ = W Wᵀ
         self.means: np.ndarray | None = None      # (K, D) whitened class means
@@ -259,7 +261,7 @@ class RelativeMahalanobisScorer(MahalanobisScorer):
 
     method = "relative-mahalanobis"
 
-    def __init__(self, ridge: float = 1e-6):
+    def __init__(self, ridge: float = 1.0):
         super().__init__(ridge)
         self.background: np.ndarray | None = None       # (D, D) whitener of the global covariance
         self.background_mean: np.ndarray | None = None  # (D,) whitened global mean

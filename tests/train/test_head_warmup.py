@@ -1,0 +1,115 @@
+"""LP-FT head warm-up: when it runs, that it fits the head alone on the frozen features (folded exactly back to
+raw features), and that training runs it before the first fine-tuning step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from taxonomist.config import Config, load_config
+from taxonomist.data.dataset import load_dataset
+from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
+from taxonomist.data.split import split_dataset
+from taxonomist.data.synth import synthesize
+from taxonomist.errors import ConfigError
+from taxonomist.losses import build_loss
+from taxonomist.models import build_model
+from taxonomist.taxonomy import distance_matrix
+from taxonomist.train import head_warmup as hw
+
+TINY = ["data.image_size=32", "data.num_workers=0", "model.backbone=test_efficientnet", "model.pretrained=none",
+        "train.batch_size=8", "train.epochs=1", "train.device=cpu", "train.tensorboard=false",
+        "augment.randaugment="]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synth"
+    synthesize(root, n_taxa=5, per_class=16, image_size=32, seed=7)
+    split_dataset(root, val=0.25, test=0.0, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("mode, source, finetune, head, expected", [
+    ("auto", "lite0-offline", "full", "flat", True),     # the default: offline Lite0 weights
+    ("auto", "timm", "last_n", "multirank", True),
+    ("auto", "file:/w/backbone.safetensors", "lora", "flat", True),
+    ("auto", "none", "full", "flat", False),              # random weights: nothing to protect
+    ("auto", "factory", "full", "flat", False),           # a user's module: not known to be pretrained
+    ("auto", "timm", "linear", "flat", False),            # a linear probe trains the head alone anyway
+    ("on", "none", "full", "flat", True),
+    ("on", "timm", "full", "two_stream", False),
+    ("off", "timm", "full", "flat", False),
+])
+def test_when_the_head_is_warmed_up(mode, source, finetune, head, expected):
+    cfg = load_config(None, [f"train.head_warmup={mode}", f"model.finetune={finetune}"])
+    assert hw.head_warmup_reason(cfg, source, head)[0] is expected
+
+
+def test_the_default_config_warms_up_the_default_backbone():
+    cfg = Config()
+    assert cfg.train.head_warmup == "auto" and cfg.model.backbone == "tf_efficientnet_lite0"
+    assert hw.head_warmup_reason(cfg, "lite0-offline", cfg.model.head) == (True, "pretrained backbone (lite0-offline)")
+    with pytest.raises(ConfigError, match="train.head_warmup 'sometimes': choose one of auto, on, off"):
+        hw.check_head_warmup("sometimes")
+
+
+def test_warm_up_fits_the_head_alone_and_folds_the_standardisation_exactly(tiny_data):
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"data.root={tiny_data}", *TINY])
+    dataset = load_dataset(tiny_data)
+    tax = dataset.taxonomy
+    model = build_model(cfg.model, tax, 32)
+    pre = model.preprocessing
+    tf = build_transforms(cfg, False, pre["mean"], pre["std"], pre["interpolation"])
+    rows = dataset.annotations[dataset.annotations["split"] == "train"]
+    index = {lab: i for i, lab in enumerate(tax.labels)}
+    loader = build_loader(TaxonDataset(dataset, rows, tf, label_index=index), 8, train=False, num_workers=0)
+    labels = list(tax.labels)
+    criterion = build_loss(cfg.loss, tax, distance_matrix(tax, "lca", labels, labels), None)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head.fc.weight.clone()
+
+    done = hw.warm_up_head(model, loader, criterion, torch.device("cpu"), epochs=30, seed=0)
+
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone_before.items())
+    assert not torch.equal(head_before, model.head.fc.weight)
+    assert done.images == len(rows) == 60 and done.epochs == 30
+    assert done.train_top1 > 0.5       # five labels: well above chance on the images it was fitted on
+    # the folded head on raw features gives the accuracy the warm-up reports
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for batch in loader:
+            hits += int((model(batch["image"])["logits"].argmax(1) == batch["target"]).sum())
+    assert hits / len(rows) == pytest.approx(done.train_top1)
+    assert "head warm-up (LP-FT): head fitted on the frozen backbone's features of 60 training images" in done.summary()
+
+
+def test_training_warms_the_head_up_before_the_first_fine_tuning_step(tiny_data, tmp_path, monkeypatch):
+    from taxonomist.train import loop
+    from taxonomist.train.step import TrainStep
+
+    events = []
+    real_warm, real_step = hw.warm_up_head, TrainStep.__call__
+
+    def warm(*args, **kwargs):
+        events.append("warm-up")
+        return real_warm(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        events.append("step")
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(loop, "warm_up_head", warm)
+    monkeypatch.setattr(TrainStep, "__call__", step)
+    lines = []
+    cfg = load_config(None, [f"data.root={tiny_data}", f"out={tmp_path / 'on'}", *TINY, "train.head_warmup=on"])
+    loop.train(cfg, progress=False, log=lines.append)
+    assert events[0] == "warm-up" and events.count("warm-up") == 1 and events[1:] and set(events[1:]) == {"step"}
+    assert any(line.startswith("head warm-up (LP-FT)") for line in lines)
+
+    events.clear()
+    cfg = load_config(None, [f"data.root={tiny_data}", f"out={tmp_path / 'auto'}", *TINY])  # auto, random weights
+    loop.train(cfg, progress=False, log=lines.append)
+    assert "warm-up" not in events
