@@ -97,6 +97,9 @@ class TrainConfig:
     #: backbones that training changes (docs/training.md), `on`, `off`
     head_warmup: str = "auto"
     head_warmup_epochs: int = 10         #: epochs of head training over the cached features
+    #: BatchNorm running statistics during training: `auto` = kept as loaded when the head is warmed up (the
+    #: warmed head was fitted on those features), `on` = always kept, `off` = updated from the training batches
+    freeze_bn_stats: str = "auto"
     scheduler: str = "cosine"            #: `cosine` | `plateau` | `constant`
     grad_clip: float = 1.0               #: 0 = off
     accumulate: int = 1                  #: gradient accumulation steps

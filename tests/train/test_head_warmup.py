@@ -113,3 +113,37 @@ def test_training_warms_the_head_up_before_the_first_fine_tuning_step(tiny_data,
     cfg = load_config(None, [f"data.root={tiny_data}", f"out={tmp_path / 'auto'}", *TINY])  # auto, random weights
     loop.train(cfg, progress=False, log=lines.append)
     assert "warm-up" not in events
+
+
+@pytest.mark.parametrize("value, warmed_up, expected", [("auto", True, True), ("auto", False, False),
+                                                        ("on", False, True), ("off", True, False)])
+def test_freeze_bn_stats_follows_the_warm_up(value, warmed_up, expected):
+    cfg = load_config(None, [f"train.freeze_bn_stats={value}"])
+    assert hw.freeze_bn_stats(cfg, warmed_up) is expected
+    with pytest.raises(ConfigError, match="train.freeze_bn_stats 'yes'"):
+        hw.freeze_bn_stats(load_config(None, ["train.freeze_bn_stats=yes"]), True)
+
+
+def test_a_warmed_up_run_keeps_the_loaded_batchnorm_statistics(tiny_data, tmp_path):
+    """With the warm-up (and freeze_bn_stats auto), every BatchNorm normalises with the statistics the head was
+    fitted on: running statistics unchanged by training, while the weights train."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from taxonomist.train import train
+    from taxonomist.train.checkpoint import load_checkpoint
+
+    cfg = load_config(None, [f"data.root={tiny_data}", f"out={tmp_path / 'run'}", *TINY, "train.head_warmup=on",
+                             "train.seed=3"])
+    torch.manual_seed(3)
+    initial = build_model(cfg.model, load_dataset(tiny_data).taxonomy, 32)
+    train(cfg, progress=False, log=lambda _: None)
+    trained, _, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors", device="cpu")
+    bn = [(n, m) for n, m in trained.backbone.named_modules() if isinstance(m, _BatchNorm)]
+    assert bn
+    start = dict(initial.backbone.named_modules())
+    assert all(torch.equal(m.running_mean, start[n].running_mean) for n, m in bn)
+    assert any(not torch.equal(m.weight, start[n].weight) for n, m in bn)   # the affine parameters trained
+    trained.freeze_norm_stats = True
+    trained.train()
+    assert all(not m.training for _, m in bn) and trained.head.training
+

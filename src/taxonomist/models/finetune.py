@@ -126,18 +126,19 @@ def add_lora(backbone: nn.Module, r: int, alpha: float, dropout: float, target_m
     return len(chosen)
 
 
-def freeze_frozen_norms(backbone: nn.Module, whole: bool = False) -> None:
+def freeze_frozen_norms(backbone: nn.Module, whole: bool = False, all_norms: bool = False) -> None:
     """Put frozen parts of a backbone in eval mode; call after `model.train()`.
 
     `whole=True` (linear probe): the whole backbone, so BatchNorm statistics and dropout stay as loaded.
     Otherwise each BatchNorm whose affine parameters are frozen: a frozen layer should not drift with the
-    new data's batch statistics either.
+    new data's batch statistics either. `all_norms=True`: every BatchNorm normalises with its loaded running
+    statistics (its affine parameters still train), so training sees the features a warmed-up head was fitted on.
     """
     if whole:
         backbone.eval()
         return
     for m in backbone.modules():
-        if isinstance(m, _BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+        if isinstance(m, _BatchNorm) and (all_norms or (m.weight is not None and not m.weight.requires_grad)):
             m.eval()
 
 

@@ -48,6 +48,8 @@ class TaxonModel(nn.Module):
         self.backbone_features = backbone.num_features
         self.num_features = backbone.num_features * (2 if head_type == "two_stream" else 1)
         self.lora_layers = 0
+        #: keep every BatchNorm's running statistics as loaded while training (`train.freeze_bn_stats`)
+        self.freeze_norm_stats = False
 
     def named_backbones(self) -> Iterator[tuple[str, nn.Module]]:
         yield "backbone", self.backbone
@@ -73,9 +75,9 @@ class TaxonModel(nn.Module):
 
     def train(self, mode: bool = True) -> "TaxonModel":
         super().train(mode)
-        if mode and self.finetune != "full":
+        if mode and (self.finetune != "full" or self.freeze_norm_stats):
             for _, bb in self.named_backbones():
-                freeze_frozen_norms(bb, whole=self.finetune == "linear")
+                freeze_frozen_norms(bb, whole=self.finetune == "linear", all_norms=self.freeze_norm_stats)
         return self
 
     def param_groups(self, lr: float, head_lr: float = 0.0, layer_decay: float = 0.0,

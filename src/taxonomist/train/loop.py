@@ -25,7 +25,7 @@ from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import default_metric, distance_matrix, write_taxonomy
 from taxonomist.train.checkpoint import (check_resume_config, load_resume_state, save_checkpoint,
                                          save_resume_state, taxonomy_to_json)
-from taxonomist.train.head_warmup import check_head_warmup, head_warmup_reason, warm_up_head
+from taxonomist.train.head_warmup import check_head_warmup, freeze_bn_stats, head_warmup_reason, warm_up_head
 from taxonomist.utils.files import atomic_write_text
 from taxonomist.utils.run_status import update_status
 
@@ -266,6 +266,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     if cfg.train.monitor not in MONITORS:
         raise ConfigError(f"train.monitor {cfg.train.monitor!r}: choose one of {', '.join(MONITORS)}")
     check_head_warmup(cfg.train.head_warmup)
+    freeze_bn_stats(cfg, False)  # checks the value
     if cfg.train.scheduler not in ("cosine", "plateau", "constant"):
         raise ConfigError(f"train.scheduler {cfg.train.scheduler!r}: choose cosine, plateau or constant")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.accumulate < 1:
@@ -373,8 +374,9 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     model.to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    warm, why = head_warmup_reason(cfg, model.pretrained_source, cfg.model.head)
+    model.freeze_norm_stats = freeze_bn_stats(cfg, warm)
     if not resume:  # LP-FT: the head first, on the frozen features; a resumed run has its head already
-        warm, why = head_warmup_reason(cfg, model.pretrained_source, cfg.model.head)
         if warm:
             warm_ds = TaxonDataset(dataset, train_rows, eval_tf, with_context=False, strict=cfg.data.strict,
                                    cache=cache, label_index=label_index, path_column=input_col)
