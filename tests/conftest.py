@@ -10,6 +10,26 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """`make(n_taxa, per_class, seed, val, test)`: a small synthetic dataset (32 px images) split by seed, made once
+    per argument set in the session's temporary folder."""
+    from taxonomist.data.split import split_dataset
+    from taxonomist.data.synth import synthesize
+
+    made: dict[tuple, Path] = {}
+
+    def make(n_taxa: int = 5, per_class: int = 12, seed: int = 0, val: float = 0.25, test: float = 0.0) -> Path:
+        key = (n_taxa, per_class, seed, val, test)
+        if key not in made:
+            root = tmp_path_factory.mktemp("synth") / "data"
+            synthesize(root, n_taxa=n_taxa, per_class=per_class, image_size=32, seed=seed)
+            split_dataset(root, val=val, test=test, seed=0)
+            made[key] = root
+        return made[key]
+    return make
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     """tests/fixtures: copies of reference files (e.g. the official FathomNet 2025 taxonomy table)."""

@@ -13,8 +13,6 @@ import yaml
 
 from taxonomist.cli.main import main
 from taxonomist.config import load_config
-from taxonomist.data.split import split_dataset
-from taxonomist.data.synth import synthesize
 from taxonomist.errors import PostTrainingError
 from taxonomist.pipeline import fit, redo_command
 from taxonomist.train.checkpoint import load_checkpoint, read_metadata
@@ -28,11 +26,8 @@ TINY = ["data.image_size=32", "data.num_workers=0", "model.backbone=test_efficie
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "synth"
-    synthesize(root, n_taxa=5, per_class=12, image_size=32, seed=4)
-    split_dataset(root, val=0.25, test=0.25, seed=0)
-    return root
+def tiny_data(synth_dataset) -> Path:
+    return synth_dataset(n_taxa=5, per_class=12, seed=4, val=0.25, test=0.25)
 
 
 def train_args(data: Path, out: Path) -> list[str]:

@@ -97,6 +97,7 @@ class TrainConfig:
     #: backbones that training changes (docs/training.md), `on`, `off`
     head_warmup: str = "auto"
     head_warmup_epochs: int = 10         #: epochs of head training over the cached features
+    head_warmup_lr_scale: float = 0.3    #: after a head warm-up, every learning rate × this (gentler fine-tuning)
     #: BatchNorm running statistics during training: `auto` = kept as loaded when the head is warmed up (the
     #: warmed head was fitted on those features), `on` = always kept, `off` = updated from the training batches
     freeze_bn_stats: str = "auto"
@@ -226,6 +227,7 @@ RANGES: dict[str, Range] = {
     "train.weight_decay": _NONNEGATIVE,
     "train.warmup_epochs": _NONNEGATIVE,
     "train.head_warmup_epochs": Range(1, 1000),
+    "train.head_warmup_lr_scale": Range(0, 1, low_open=True),
     "train.grad_clip": Range(0, note="0 = off"),
     "train.accumulate": Range(1, 1 << 20),
     "train.ema_decay": _FRACTION,

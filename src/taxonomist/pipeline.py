@@ -178,12 +178,10 @@ def _finish_run(run_dir: Path, cfg: Config, steps: Sequence[str], split: str, pr
 
 def _trained_result(run_dir: Path, cfg: Config):
     """The `TrainResult` of a run whose training finished, read back from run.json and metrics.csv."""
-    import csv
-
     from taxonomist.train import TrainResult
+    from taxonomist.train.loop import load_history
     status = read_status(run_dir)
-    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as f:
-        history = [{k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    history = [{**row, "epoch": int(row["epoch"])} for row in load_history(run_dir)]
     return TrainResult(run_dir, int(status.get("best_epoch", -1)), float(status.get("best_metric", "nan")),
                        str(status.get("monitor", cfg.train.monitor)), history, [])
 

@@ -10,8 +10,6 @@ import torch
 from taxonomist.config import Config, load_config
 from taxonomist.data.dataset import load_dataset
 from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
-from taxonomist.data.split import split_dataset
-from taxonomist.data.synth import synthesize
 from taxonomist.errors import ConfigError
 from taxonomist.losses import build_loss
 from taxonomist.models import build_model
@@ -24,11 +22,8 @@ TINY = ["data.image_size=32", "data.num_workers=0", "model.backbone=test_efficie
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "synth"
-    synthesize(root, n_taxa=5, per_class=16, image_size=32, seed=7)
-    split_dataset(root, val=0.25, test=0.0, seed=0)
-    return root
+def tiny_data(synth_dataset) -> Path:
+    return synth_dataset(n_taxa=5, per_class=16, seed=7)
 
 
 @pytest.mark.parametrize("mode, source, finetune, head, expected", [
@@ -108,11 +103,15 @@ def test_training_warms_the_head_up_before_the_first_fine_tuning_step(tiny_data,
     loop.train(cfg, progress=False, log=lines.append)
     assert events[0] == "warm-up" and events.count("warm-up") == 1 and events[1:] and set(events[1:]) == {"step"}
     assert any(line.startswith("head warm-up (LP-FT)") for line in lines)
+    warmed = loop.load_history(tmp_path / "on")
 
     events.clear()
     cfg = load_config(None, [f"data.root={tiny_data}", f"out={tmp_path / 'auto'}", *TINY])  # auto, random weights
     loop.train(cfg, progress=False, log=lines.append)
     assert "warm-up" not in events
+    # fine-tuning from a warmed-up head runs at head_warmup_lr_scale (0.3) × train.lr; without it at train.lr
+    assert max(r["lr"] for r in warmed) <= 0.3 * cfg.train.lr + 1e-12
+    assert max(r["lr"] for r in loop.load_history(tmp_path / "auto")) > 0.3 * cfg.train.lr
 
 
 @pytest.mark.parametrize("value, warmed_up, expected", [("auto", True, True), ("auto", False, False),

@@ -390,7 +390,8 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
                 log(done.summary())
         elif is_main and cfg.train.head_warmup == "auto" and progress:
             log(f"head warm-up skipped: {why}")
-    optimizer = build_optimizer(model, cfg)
+    # from a warmed-up head, fine-tuning moves the pretrained features gently (LP-FT's smaller rate)
+    optimizer = build_optimizer(model, cfg, lr_scale=cfg.train.head_warmup_lr_scale if warm else 1.0)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.accumulate)
     if cfg.train.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=MONITORS[cfg.train.monitor],

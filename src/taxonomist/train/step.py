@@ -11,17 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def build_optimizer(model, cfg):
+def build_optimizer(model, cfg, lr_scale: float = 1.0):
     """AdamW over the model's parameter groups (head learning rate, layer-wise decay, no weight decay on
-    norms and biases) as `cfg.train` sets them; the optimiser `train()` uses.
+    norms and biases) as `cfg.train` sets them, every rate × `lr_scale`; the optimiser `train()` uses.
 
     >>> opt = build_optimizer(model, cfg)          # doctest: +SKIP
     """
     import torch
 
-    groups = model.param_groups(cfg.train.lr, head_lr=cfg.train.head_lr, layer_decay=cfg.train.layer_decay,
+    lr = cfg.train.lr * lr_scale
+    groups = model.param_groups(lr, head_lr=cfg.train.head_lr * lr_scale, layer_decay=cfg.train.layer_decay,
                                 weight_decay=cfg.train.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 @dataclass
