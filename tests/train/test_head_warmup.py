@@ -146,3 +146,25 @@ def test_a_warmed_up_run_keeps_the_loaded_batchnorm_statistics(tiny_data, tmp_pa
     trained.train()
     assert all(not m.training for _, m in bn) and trained.head.training
 
+
+
+def test_the_warmed_up_head_stays_the_best_checkpoint_unless_an_epoch_beats_it(tiny_data, tmp_path):
+    """A fine-tuning that only makes things worse (a learning rate of 3, gradients unclipped) must not cost the
+    user the head it started from: best.safetensors is then the warmed-up head, epoch 0."""
+    import json
+
+    from taxonomist.train import train
+
+    cfg = load_config(None, [f"data.root={tiny_data}", f"out={tmp_path / 'run'}", *TINY, "train.head_warmup=on",
+                             "train.epochs=2", "train.lr=3", "train.head_warmup_lr_scale=1", "train.grad_clip=0",
+                             "train.warmup_epochs=0"])
+    lines = []
+    result = train(cfg, progress=False, log=lines.append)
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert result.warmup_metrics is not None and any(line.startswith("warmed-up head on val") for line in lines)
+    assert min(r["val_mhd"] for r in result.history) > result.warmup_metrics["val_mhd"]  # every epoch did worse
+    assert result.best_epoch == 0 and best["epoch"] == 0
+    assert result.best_metric == pytest.approx(result.warmup_metrics["val_mhd"])
+    assert [int(r["epoch"]) for r in result.history] == [1, 2]   # metrics.csv keeps one row per epoch
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["warm_up"]["val_mhd"] == pytest.approx(result.warmup_metrics["val_mhd"])

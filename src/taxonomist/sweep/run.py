@@ -195,6 +195,8 @@ def training_value(trained, metric: str) -> float:
     evaluation after training failed. For log_loss that is the validation loss of the training criterion."""
     column = METRICS[metric][0]
     row = next((r for r in trained.history if int(r["epoch"]) == trained.best_epoch), None)
+    if row is None and trained.best_epoch == 0 and trained.warmup_metrics:  # the warmed-up head stayed the best
+        row = trained.warmup_metrics
     if row is None:
         raise FloatingPointError(f"no epoch of the training holds {column}")
     return float(row[column])

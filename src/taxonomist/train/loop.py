@@ -42,6 +42,7 @@ class TrainResult:
     monitor: str
     history: list[dict]
     skipped_images: list
+    warmup_metrics: dict | None = None   #: val metrics of the warmed-up head (best_epoch 0 when nothing beat it)
 
 
 def select_device(name: str = "auto"):
@@ -456,6 +457,19 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         "monitor": cfg.train.monitor,
     }
 
+    warm_metrics = None
+    if warm and not resume:
+        # the warmed-up head alone is a candidate too: it stays the best checkpoint unless an epoch beats it on
+        # val, so a short fine-tuning budget never ends below the linear probe it started from
+        warm_metrics = _val_metrics(run_inference(model, val_loader, device, amp=amp, progress=False,
+                                                  criterion=eval_criterion), D)
+        best, best_epoch = sign * warm_metrics[cfg.train.monitor], 0
+        if is_main:
+            save_checkpoint(ckpt_dir / "best.safetensors", model, {**base_meta, "epoch": 0, "metrics": warm_metrics})
+            update_status(run_dir, warm_up=warm_metrics)
+            log(f"warmed-up head on val: top-1 {warm_metrics['val_top1']:.3f}  MHD {warm_metrics['val_mhd']:.3f} "
+                "(the best checkpoint until an epoch beats it)")
+
     # ---- epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         # reseed per epoch so that a resumed run replays exactly the same batches and augmentations
@@ -491,17 +505,12 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
         eval_model = ema.module if ema is not None else model
         val = run_inference(eval_model, val_loader, device, amp=amp, progress=False, criterion=eval_criterion)
-        vp = val.logits.argmax(1)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(1, seen),
             "train_top1": float((p == t).mean()),
             "train_macro_f1": float(f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0)),
-            "val_loss": val.loss,
-            "val_top1": float((vp == val.targets).mean()),
-            "val_mhd": float(D[val.targets, vp].mean()),
-            "val_macro_f1": float(f1_score(val.targets, vp, labels=np.unique(val.targets), average="macro",
-                                           zero_division=0)),
+            **_val_metrics(val, D),
             "lr": max(g["lr"] for g in optimizer.param_groups),  # the head's rate under layer decay
             "img_s": seen * world / max(train_seconds, 1e-9),
             "seconds": time.time() - t0,
@@ -570,7 +579,17 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     if is_main:
         update_status(run_dir, status="trained", epochs=cfg.train.epochs, epochs_trained=len(history),
                       best_epoch=best_epoch, monitor=cfg.train.monitor, best_metric=sign * best)
-    return TrainResult(run_dir, best_epoch, sign * best, cfg.train.monitor, history, skipped)
+    return TrainResult(run_dir, best_epoch, sign * best, cfg.train.monitor, history, skipped, warm_metrics)
+
+
+def _val_metrics(val, D: np.ndarray) -> dict:
+    """The val columns of metrics.csv from one pass over the val rows (`run_inference` with a criterion)."""
+    from sklearn.metrics import f1_score
+    vp = val.logits.argmax(1)
+    return {"val_loss": val.loss, "val_top1": float((vp == val.targets).mean()),
+            "val_mhd": float(D[val.targets, vp].mean()),
+            "val_macro_f1": float(f1_score(val.targets, vp, labels=np.unique(val.targets), average="macro",
+                                           zero_division=0))}
 
 
 def _model_config_dict(cfg: Config) -> dict:
