@@ -377,20 +377,20 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         model.to(memory_format=torch.channels_last)
     warm, why = head_warmup_reason(cfg, model.pretrained_source, cfg.model.head)
     model.freeze_norm_stats = freeze_bn_stats(cfg, warm)
-    if not resume:  # LP-FT: the head first, on the frozen features; a resumed run has its head already
-        if warm:
-            warm_ds = TaxonDataset(dataset, train_rows, eval_tf, with_context=False, strict=cfg.data.strict,
-                                   cache=cache, label_index=label_index, path_column=input_col)
-            warm_loader = build_loader(warm_ds, cfg.train.batch_size, train=False, num_workers=cfg.data.num_workers,
-                                       seed=cfg.train.seed)
-            seed_everything(cfg.train.seed + rank)
-            done = warm_up_head(model, warm_loader, criterion, device, cfg.train.head_warmup_epochs,
-                                seed=cfg.train.seed, amp=cfg.train.amp and device.type == "cuda")
-            warm_loader.close()
-            if is_main:
-                log(done.summary())
-        elif is_main and cfg.train.head_warmup == "auto" and progress:
-            log(f"head warm-up skipped: {why}")
+    if warm and not resume:  # LP-FT: the head first, on the frozen features; a resumed run has its head already
+        seed_everything(cfg.train.seed + rank)
+        # the training rows as the val rows are read: evaluation transforms, no augmentation
+        warm_loader = build_loader(TaxonDataset(dataset, train_rows, eval_tf, strict=cfg.data.strict, cache=cache,
+                                                label_index=label_index, path_column=input_col),
+                                   cfg.train.batch_size, train=False, num_workers=cfg.data.num_workers,
+                                   seed=cfg.train.seed)
+        done = warm_up_head(model, warm_loader, criterion, device, cfg.train.head_warmup_epochs,
+                            seed=cfg.train.seed, amp=cfg.train.amp and device.type == "cuda")
+        warm_loader.close()
+        if is_main:
+            log(done.summary())
+    elif not warm and is_main and cfg.train.head_warmup == "auto" and progress:
+        log(f"head warm-up skipped: {why}")
     # from a warmed-up head, fine-tuning moves the pretrained features gently (LP-FT's smaller rate)
     optimizer = build_optimizer(model, cfg, lr_scale=cfg.train.head_warmup_lr_scale if warm else 1.0)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.accumulate)
