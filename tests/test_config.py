@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from taxonomist.config import Config, load_config, parse_overrides
+from taxonomist.config import Config, load_config, parse_overrides, value_type
 from taxonomist.errors import ConfigError
 
 
@@ -13,7 +13,11 @@ def test_defaults_hold_the_contract_keys():
         (224, "tf_efficientnet_lite0", "auto", "flat")
     assert (cfg.loss.name, cfg.loss.label_smoothing, cfg.loss.focal_gamma, cfg.loss.focal_alpha) == ("ce", 0.1, 2.0, 0.5)
     assert (cfg.train.monitor, cfg.train.save_every, cfg.train.device) == ("val_mhd", 0, "auto")
-    assert cfg.augment.color_jitter == 0.2 and cfg.augment.mixup == 0.0 and cfg.augment.cutmix == 0.0
+    # augmentation strength comes from augment.preset (auto); outside a training run that is today's default
+    from taxonomist.data.augment_presets import resolve_augment
+    aug = resolve_augment(cfg.augment)
+    assert cfg.augment.preset == "auto" and cfg.augment.color_jitter is None
+    assert aug.color_jitter == 0.2 and aug.mixup == 0.0 and aug.cutmix == 0.0
     assert cfg.decide.thresholds["species"] == 0.55
 
 
@@ -148,7 +152,7 @@ def _numeric_keys() -> dict[str, object]:
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            hint = hints[f.name]
+            hint = value_type(hints[f.name])  # `float | None`: an augment strength left to the preset
             if dataclasses.is_dataclass(hint):
                 walk(hint, prefix + f.name + ".")
                 continue

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from taxonomist.cli.main import main
 from taxonomist.config import Config, load_config
+from taxonomist.data.augment_presets import resolve_augment
 from taxonomist.data.split import split_dataset
 from taxonomist.data.synth import synthesize
 from taxonomist.data.transforms import RandomRotate90, TimmRandAugment, build_transforms
@@ -79,7 +80,8 @@ def test_augmentation_defaults_are_the_seed_projects():
     assert TimmRandAugment in kinds
     assert steps[1].p == 0.5 and steps[2].p == 0.5 and steps[4].degrees == [-15.0, 15.0]
     assert steps[5].brightness == steps[5].contrast == steps[5].saturation == (0.8, 1.2)   # jitter 0.2
-    assert cfg.augment.mixup == 0 and cfg.augment.cutmix == 0                              # off by default
+    aug = resolve_augment(cfg.augment)                     # auto, no training budget: the default preset
+    assert aug.mixup == 0 and aug.cutmix == 0                                              # off by default
     eval_steps = build_transforms(cfg, train=False).transforms
     assert [type(s) for s in eval_steps[:2]] == [v2.Resize, v2.CenterCrop]
     assert not any("Random" in type(s).__name__ or isinstance(s, TimmRandAugment) for s in eval_steps)

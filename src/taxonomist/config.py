@@ -36,16 +36,20 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    scale: tuple[float, float] = (0.35, 1.0)    #: random-resized-crop area range (small ROIs need low values)
+    #: named strength: `auto` | `light` | `default` | `heavy` (data/augment_presets.py). It fills the strength
+    #: fields left unset (scale, rotation, color_jitter, randaugment, mixup, cutmix); a field set here wins.
+    #: `auto` = `light` when epochs × training images < 100,000, else `default` (docs/training.md)
+    preset: str = "auto"
+    scale: tuple[float, float] | None = None    #: random-resized-crop area range; unset = preset (default (0.35, 1))
     ratio: tuple[float, float] = (0.75, 1.333)  #: random-resized-crop aspect range
     hflip: float = 0.5
     vflip: float = 0.5                   #: organisms in ROIs and plankton have no "up"
     rotate90: bool = True                #: random multiples of 90°
-    rotation: float = 15.0               #: extra random rotation, degrees
-    color_jitter: float = 0.2
-    randaugment: str = "rand-m7-mstd0.5" #: timm RandAugment spec; empty = off
-    mixup: float = 0.0                   #: MixUp alpha; 0 = off
-    cutmix: float = 0.0                  #: CutMix alpha; 0 = off
+    rotation: float | None = None        #: extra random rotation, degrees; unset = preset (default 15)
+    color_jitter: float | None = None    #: unset = preset (default 0.2)
+    randaugment: str | None = None       #: timm RandAugment spec; empty = off; unset = preset (default rand-m7-mstd0.5)
+    mixup: float | None = None           #: MixUp alpha; 0 = off; unset = preset (default 0)
+    cutmix: float | None = None          #: CutMix alpha; 0 = off; unset = preset (default 0)
     crop_pct: float = 0.875              #: eval: resize to image_size / crop_pct, then centre-crop
 
 
@@ -270,6 +274,19 @@ def _check_one(key: str, value: Any, valid: Range) -> None:
         raise ConfigError(f"config key {key}: {shorten(value)} is out of range; valid: {valid}")
 
 
+def value_type(hint: Any) -> Any:
+    """The type a set value of a field has: `float | None` (unset = a default chosen later) → float.
+
+    >>> value_type(float | None), value_type(tuple[float, float] | None), value_type(int)
+    (<class 'float'>, tuple[float, float], <class 'int'>)
+    """
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", typing.Union)) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0] if len(inner) == 1 else hint
+    return hint
+
+
 def _plain(value):
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -315,8 +332,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     args = typing.get_args(hint)
     try:
         if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):
-            if type(None) in args and (value is None or (isinstance(value, str) and
-                                                          value.strip().lower() in ("", "null", "none", "~"))):
+            # unset: YAML null, or the text null/none/~/empty; an optional *string* keeps "" and "none"
+            # (`--set augment.randaugment=` turns RandAugment off, `=null` leaves it to the preset)
+            unset = ("null", "~") if str in args else ("", "null", "none", "~")
+            if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in unset)):
                 return None
             for inner in (a for a in args if a is not type(None)):  # the first type that reads the value
                 try:

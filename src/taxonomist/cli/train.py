@@ -14,6 +14,9 @@ Keys (defaults shown by `taxonomist train --print-config`): data.root, data.imag
 (a timm name or module:PKG.PATH:FACTORY), model.pretrained (auto|none|PATH), model.head
 (flat|multirank|two_stream), model.finetune (full|linear|last_n|lora), loss.name (ce|focal|soft_labels),
 loss.distance_weight, train.epochs, train.batch_size, train.lr, train.device, train.seed, out, …
+augment.preset (auto|light|default|heavy) sets the augmentation strength (crop scale, rotation, colour jitter,
+RandAugment, MixUp, CutMix); `auto` = light when train.epochs × training images < 100,000, else default; a
+strength key you set (e.g. augment.scale=0.5,1.0, augment.randaugment= for off) wins over the preset.
 The run directory gets config.yaml, taxonomy.csv, checkpoints/, metrics.csv, then (after training)
 metrics.json, predictions.csv and report.html from an evaluation of the best checkpoint.
 

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from taxonomist.config import Config
+from taxonomist.data.augment_presets import resolve_augment
 from taxonomist.errors import ConfigError
 
 RESIZE_MODES = ("stretch", "pad")
@@ -158,14 +159,16 @@ def build_transforms(cfg: Config, train: bool, mean: Sequence[float] = (0.5, 0.5
     Train: [letterbox] → random-resized crop → h/v flips → random 90° turns → small rotation → colour
     jitter → RandAugment → [grey]. Eval: [letterbox] → resize to image_size / crop_pct (square) → centre
     crop → [grey]. Geometry runs first so the costly per-pixel ops see only `image_size`² pixels. Fills
-    (rotation, RandAugment) use the normalisation mean, which becomes 0 after normalising.
+    (rotation, RandAugment) use the normalisation mean, which becomes 0 after normalising. Strength fields
+    left unset take `augment.preset`'s values (`resolve_augment`; `auto` = `default` here, where no training
+    budget is known; `train()` resolves with its budget before calling this).
 
     >>> from taxonomist.config import Config
     >>> t = build_transforms(Config(), train=False)
     >>> t(torch.zeros(3, 50, 80, dtype=torch.uint8)).shape
     torch.Size([3, 224, 224])
     """
-    data, aug = cfg.data, cfg.augment
+    data, aug = cfg.data, resolve_augment(cfg.augment)
     size = _check_size(data.image_size)
     mean, std = _check_stats(mean, "mean"), _check_stats(std, "std")
     if any(s <= 0 for s in std):

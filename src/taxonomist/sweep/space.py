@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taxonomist.config import Config, _coerce, check_range
+from taxonomist.config import Config, _coerce, check_range, value_type
 from taxonomist.errors import ConfigError
 from taxonomist.taxonomy.core import suggest
 from taxonomist.utils.safe_parse import read_yaml
@@ -112,7 +112,7 @@ def _parameter(key: str, spec: Any, hint: Any, source: str) -> Parameter:
         if len(set(map(repr, args))) != len(args):
             raise ConfigError(f"{source}: {key}: choice lists a value twice")
         return Parameter(key, kind, dist.CategoricalDistribution(args))
-    numeric = hint in (int, float)
+    numeric = value_type(hint) in (int, float)  # `float | None`: an augment strength
     if not numeric:
         raise ConfigError(f"{source}: {key} is {getattr(hint, '__name__', hint)}, not a number: "
                           f"use {{choice: [...]}}")

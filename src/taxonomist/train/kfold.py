@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 
 from taxonomist.config import Config
+from taxonomist.data.augment_presets import describe_augment, resolve_augment
 from taxonomist.data.dataset import load_dataset
 from taxonomist.errors import DataError
 from taxonomist.taxonomy import distance_matrix
-from taxonomist.train.loop import TrainResult, train
+from taxonomist.train.loop import TrainResult, split_rows, train
 from taxonomist.utils.files import atomic_path, atomic_write_text
 
 
@@ -54,6 +55,13 @@ def train_kfold(cfg: Config, progress: bool = True, resume: bool = False, log=pr
     dataset = load_dataset(cfg.data.root, cfg.data.taxonomy or None)
     folds = fold_values(dataset)
     out = Path(cfg.out)
+    # every fold trains with the same augmentation: `augment.preset=auto` is decided once, on the first fold's budget
+    first = copy.deepcopy(cfg)
+    first.data.fold = folds[0]
+    budget = {"epochs": cfg.train.epochs, "train_images": len(split_rows(dataset, first)[0])}
+    log(describe_augment(cfg.augment, **budget))
+    cfg = copy.deepcopy(cfg)
+    cfg.augment = resolve_augment(cfg.augment, **budget)
     results, frames, logits_all, index_all = [], [], [], []
     for k in folds:
         fold_cfg = copy.deepcopy(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from taxonomist.config import Config
+from taxonomist.data.augment_presets import check_preset, describe_augment, resolve_augment, saved_augment
 from taxonomist.data.dataset import Dataset, load_dataset
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import default_metric, distance_matrix, write_taxonomy
@@ -63,11 +65,59 @@ def select_device(name: str = "auto"):
     return torch.device(name)
 
 
-def configure_threads(threads: int, device, num_workers: int) -> int:
-    """CPU intra-op threads for training: `threads` when set, else the cores the loader workers leave free.
+#: share of one core a loader worker keeps busy while the model trains on the CPU: a worker decodes and
+#: augments an image in a few ms against tens of ms of model time (docs/performance.md, "The CPU thread
+#: policy"), so it never needs a whole core of its own; torch keeps the rest.
+LOADER_CORE_SHARE = 0.5
 
-    Oversubscription is costly here: on a 2-core machine with one busy loader worker, two OpenMP threads
-    trained EfficientNet-Lite0 at 3.4 img/s where one thread reached 37 img/s (96 px, batch 32).
+
+def cpu_threads_for(cores: int, workers: int, world: int = 1, busy: int = 0) -> int:
+    """Intra-op threads that leave the loader workers the cores they actually use, and other programs the
+    cores they are busy on: cores − ⌊workers × share⌋ − busy, at least one.
+
+    A worker needs a fraction of a core (`LOADER_CORE_SHARE`); reserving a whole core for it left half of a
+    2-core machine idle (Lite0 at 224 px trained at 7.5 img/s with 1 thread, 13.8 img/s with 2 beside the
+    worker). A core another program keeps busy is worse than idle for an OpenMP thread: the thread that loses
+    it holds up the others at every barrier (docs/performance.md).
+
+    >>> cpu_threads_for(2, 1), cpu_threads_for(4, 3), cpu_threads_for(16, 8), cpu_threads_for(1, 0)
+    (2, 3, 12, 1)
+    >>> cpu_threads_for(16, 4, world=2)  # two processes on one machine share its cores
+    6
+    >>> cpu_threads_for(2, 1, busy=1)  # another program is running on one of the two cores
+    1
+    """
+    per_process = max(1, cores // max(1, world))
+    return max(1, per_process - int(workers * LOADER_CORE_SHARE) - max(0, busy))
+
+
+def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
+    """Cores other programs keep busy right now: the median count of runnable tasks in /proc/loadavg over a
+    few samples, minus this one. 0 where /proc/loadavg is missing (macOS, Windows).
+
+    The instantaneous count, not the load average: the 1-minute average still counts a process that ended
+    seconds ago (the previous run of a script), and would cost the next run its threads.
+    """
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return 0
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, int(statistics.median(counts)) - 1)
+
+
+def configure_threads(threads: int, device, num_workers: int) -> int:
+    """CPU intra-op threads for training and inference: `threads` when set, else `cpu_threads_for` this
+    machine, its loader workers and the cores other programs are busy on (`busy_cores`) at the start.
+
+    On a dedicated 2-core machine that is 2 threads beside one loader worker; while another program runs, 1.
     OMP_NUM_THREADS, when the user set it, wins over the automatic choice.
     """
     import torch
@@ -81,7 +131,7 @@ def configure_threads(threads: int, device, num_workers: int) -> int:
         workers = auto_num_workers() if num_workers < 0 else num_workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, cores // world - workers))
+        torch.set_num_threads(cpu_threads_for(cores, workers, world, busy_cores()))
     return torch.get_num_threads()
 
 
@@ -274,6 +324,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         raise ConfigError("train.epochs, train.batch_size and train.accumulate must be at least 1")
     if not cfg.data.root:
         raise ConfigError("data.root is not set: pass --set data.root=DATASET_DIR (or data: {root: …} in the YAML)")
+    check_preset(cfg.augment.preset)
 
     # every rank checks before the process group forms, so that no rank sees rank 0's first files
     check_run_out(cfg, resume=resume, force=force)
@@ -327,6 +378,12 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
             raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
         if resume:  # before config.yaml is rewritten: a resume with another model or data must not touch the run
             check_resume_config(run_dir, _model_config_dict(cfg), taxonomy)
+    # augmentation strength from augment.preset and the budget, once; config.yaml records the resolved values
+    budget = {"epochs": cfg.train.epochs, "train_images": len(train_rows),
+              "saved": saved_augment(run_dir) if resume else None}
+    if is_main:
+        log(describe_augment(cfg.augment, **budget))
+    cfg = dataclasses.replace(cfg, augment=resolve_augment(cfg.augment, **budget))
 
     # ---- model, loss, optimiser
     model = build_model(cfg.model, taxonomy, cfg.data.image_size)
