@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -11,6 +12,8 @@ from taxonomist.benchmark import BenchmarkConfig, format_table, run_benchmark
 from taxonomist.benchmark.images import write_roi_dataset
 from taxonomist.cli.main import main
 from taxonomist.errors import ConfigError
+from taxonomist.train.loop import cpu_threads_for
+from taxonomist.utils.system import usable_cores
 
 KEYS = ("ceiling_img_s", "taxonomist_img_s", "baseline_img_s", "vs_ceiling", "vs_baseline")
 
@@ -42,8 +45,37 @@ def test_benchmark_cli_writes_json_with_every_figure(tmp_path, capsys):
     for part in ("train", "predict"):  # pooled img/s: total images over total seconds of the rounds
         rates = [rd[part]["taxonomist_img_s"] for rd in result["per_round"]]
         assert min(rates) * 0.99 <= result[part]["taxonomist_img_s"] <= max(rates) * 1.01
+    # the ceiling: measured at every thread count 1…N (the default), the best of them
+    cores = usable_cores()
+    assert result["cores"] == cores and result["ceiling_threads_tried"] == list(range(1, cores + 1))
+    for part in ("train", "predict"):
+        r = result[part]
+        assert set(r["ceiling_by_threads"]) == {str(t) for t in range(1, cores + 1)}
+        assert all(_positive(v) for v in r["ceiling_by_threads"].values())
+        assert r["ceiling_img_s"] == max(r["ceiling_by_threads"].values())
+        assert r["ceiling_by_threads"][str(r["ceiling_threads"])] == r["ceiling_img_s"]
+        for rd in result["per_round"]:
+            assert rd[part]["ceiling_img_s"] == max(rd[part]["ceiling_by_threads"].values())
+    # taxonomist at the project's policy (1 worker), the baseline at torch's default
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert result["torch_threads"] == cpu_threads_for(cores, 1)
+        assert result["torch_threads_rule"].startswith("cpu_threads_for")
+    assert result["baseline_torch_threads"] >= 1
+    targets = result["targets"]
+    assert set(targets) == {"train_vs_ceiling", "train_vs_baseline", "predict_vs_baseline"}
+    assert targets["train_vs_ceiling"]["at_least"] == 0.9 and targets["predict_vs_baseline"]["at_least"] == 1.0
+    for name, t in targets.items():
+        part, against = name.split("_vs_")
+        assert t["ratio"] == result[part][f"vs_{against}"] and t["met"] == (t["ratio"] >= t["at_least"])
+    timing = result["predict"]["timing"]
+    assert timing["method"] in ("steady_state", "whole_call", "mixed") and timing["reason"]
+    assert len(timing["per_round"]) == 2
+    for rd, method in zip(result["per_round"], timing["per_round"]):
+        assert rd["predict"]["timing"]["method"] == method in ("steady_state", "whole_call")
+        assert rd["predict"]["timing"]["all_s"] > 0 and rd["predict"]["timing"]["reason"]
     table = capsys.readouterr().out
     assert "train" in table and "predict" in table and "min-risk" in table and "per round" in table
+    assert "ceiling by thread count" in table and "targets" in table and "predict timed as" in table
 
 
 def test_benchmark_times_the_real_train_step_and_predict_path(tmp_path, monkeypatch):

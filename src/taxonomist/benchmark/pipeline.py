@@ -13,12 +13,14 @@ resize and flips on the GPU) through the same step and `run_inference`; `train()
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
 from taxonomist.benchmark.measure import sync, timed_steps
+from taxonomist.data.augment_presets import resolve_augment
 from taxonomist.data.loading import (
     TaxonDataset,
     batch_random_flips,
@@ -39,7 +41,7 @@ def _gpu_batches(dataset, rows, device, batch_size, image_size, mean, std, train
     paths = [str(dataset.root / p) for p in rows["path"]]
     targets = torch.tensor([label_index[lab] for lab in rows["label"]], device=device)
     order = np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))
-    scale, ratio = augment.scale, augment.ratio
+    scale, ratio = resolve_augment(augment).scale, augment.ratio
     for lo in range(0, len(order) - batch_size + 1, batch_size):
         idx = order[lo:lo + batch_size]
         images = decode_jpeg_batch_cuda([paths[i] for i in idx], device)
@@ -109,16 +111,65 @@ def checkpoint_meta(cfg, model) -> dict:
                      "input": "path"}}
 
 
+#: below this share of the whole call, the time the timed batches add is too close to timer and load noise
+MIN_DIFFERENCE_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class PredictTiming:
+    """One predict measurement: img/s, how it was timed and why, and the call times behind it (seconds)."""
+    img_s: float
+    method: str                     #: "steady_state" (difference of two calls) or "whole_call" (start included)
+    reason: str
+    all_s: float                    #: `infer_rows` over the warm-up + timed batches
+    warm_s: float | None = None     #: `infer_rows` over the warm-up batches alone (None without warm-up)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "reason": self.reason, "all_s": round(self.all_s, 4),
+                "warm_s": None if self.warm_s is None else round(self.warm_s, 4)}
+
+
+def predict_rate(timed_images: int, all_images: int, all_s: float, warm_s: float | None) -> PredictTiming:
+    """Predict img/s from the call over warm-up + timed batches (`all_s`) and the one over the warm-up alone.
+
+    Steady state is timed_images / (all_s − warm_s): the loader's start and first batch, which a long predict
+    run amortises, cancel out. That needs a difference well above noise; under `MIN_DIFFERENCE_SHARE` of the
+    call (a tiny model whose loader start dominates), or without warm-up batches, it is the whole call's
+    rate instead, start included: a lower bound that never overstates the steady rate, but one that is not
+    comparable with the baseline's steady-state figure.
+
+    >>> t = predict_rate(96, 128, 4.0, 1.5)
+    >>> t.method, t.img_s
+    ('steady_state', 38.4)
+    >>> t = predict_rate(96, 128, 4.0, 3.9)
+    >>> t.method, t.img_s
+    ('whole_call', 32.0)
+    """
+    if warm_s is None:
+        return PredictTiming(all_images / all_s, "whole_call", "no warm-up batches (--warmup 0): the whole call's "
+                             "rate, loader start included (a lower bound on the steady rate)", all_s)
+    difference = all_s - warm_s
+    if difference < MIN_DIFFERENCE_SHARE * all_s:
+        return PredictTiming(all_images / all_s, "whole_call",
+                             f"warm-up + timed batches took {all_s:.3f} s, the warm-up alone {warm_s:.3f} s: "
+                             f"the difference ({difference:+.3f} s) is under {MIN_DIFFERENCE_SHARE:.0%} of the "
+                             "call, within noise, so the whole call's rate, loader start included (a lower bound "
+                             "on the steady rate; not comparable with the baseline's steady-state timing)",
+                             all_s, warm_s)
+    return PredictTiming(timed_images / difference, "steady_state",
+                         f"timed images / (warm-up + timed batches {all_s:.3f} s − warm-up alone {warm_s:.3f} s): "
+                         "the loader's start cancels out, as in a long predict run", all_s, warm_s)
+
+
 def taxonomist_predict(model, cfg, dataset, rows, label_index, device, num_workers, warmup, steps,
-                       gpu_decode: bool = False) -> float:
+                       gpu_decode: bool = False) -> PredictTiming:
     """Steady-state img/s of predict: `infer_rows` (as `taxonomist predict` calls it), softmax with the
     checkpoint temperature and the min-risk answer over every taxonomy node.
 
     Each `infer_rows` call starts its own loader, whose start and first, unoverlapped batch a long predict
-    run amortises. So after one untimed call, the `warmup` batches are timed alone (T_w) and then with the
-    `steps` batches after them (T_ws): img/s = steps × batch / (T_ws − T_w), loader start cancelling out.
-    With `warmup=0`, or when the difference is under a tenth of T_ws (timer noise on a tiny model), it is
-    the images of one call over its time, start included."""
+    run amortises. So after one untimed call, the `warmup` + `steps` batches are timed in one call and the
+    `warmup` batches alone in another, and `predict_rate` turns the two into img/s (and says which method it
+    used: with `warmup=0`, or a difference within noise, the whole call, start included)."""
     from taxonomist.inference.run_model import infer_rows
     from taxonomist.train.inference import run_inference
 
@@ -150,10 +201,7 @@ def taxonomist_predict(model, cfg, dataset, rows, label_index, device, num_worke
 
     model.eval()
     if not warmup:
-        return steps * bs / run(all_rows)
+        return predict_rate(steps * bs, len(all_rows), run(all_rows), None)
     run(warm_rows)  # first forwards: allocations, oneDNN/cuDNN primitive choice
-    t_all = run(all_rows)
-    seconds = t_all - run(warm_rows)
-    if seconds < 0.1 * t_all:  # noise swamps the difference (tiny models): the whole call, start included
-        return len(all_rows) / t_all
-    return steps * bs / seconds
+    all_s = run(all_rows)
+    return predict_rate(steps * bs, len(all_rows), all_s, run(warm_rows))
