@@ -3,6 +3,7 @@ top-1 on every test image, probabilities within 1e-4, flat and two-stream), keep
 and fail with one clear line."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from taxonomist.deploy import export_model  # noqa: E402
 from taxonomist.errors import ConfigError, ModelError  # noqa: E402
 from taxonomist.inference import ood_threshold, predict, read_images  # noqa: E402
 from taxonomist.inference.calibrate import load_ood_scorers  # noqa: E402
-from taxonomist.inference.model_file import load_model, read_model_metadata  # noqa: E402
+from taxonomist.inference.model_file import load_model, read_card  # noqa: E402
 from taxonomist.inference.onnx_model import PROPERTY_KEYS, OnnxTaxonModel, metadata_from_props  # noqa: E402
 from taxonomist.inference.run_model import infer_rows  # noqa: E402
 from taxonomist.train.checkpoint import read_metadata  # noqa: E402
@@ -94,7 +95,7 @@ def test_onnx_predicts_like_the_checkpoint(which, request, data, tmp_path):
     assert np.array_equal(p_torch.argmax(axis=1), p_onnx.argmax(axis=1))
     assert np.abs(p_torch - p_onnx).max() < 1e-4
     # and through `predict`: a dataset directory, so the two-stream model gets its context scenes
-    a = predict(ckpt, data, tmp_path / "torch.csv", split="test", batch_size=4, **FAST)
+    a = predict(ckpt, data, tmp_path / "torch.csv", split="test", batch_size=4, engine="torch", **FAST)
     b = predict(onnx_file, data, tmp_path / "onnx.csv", split="test", batch_size=4, **FAST)
     ft, fo = pd.read_csv(a.out, keep_default_na=False), pd.read_csv(b.out, keep_default_na=False)
     assert list(ft.columns) == list(fo.columns) and len(ft) == len(idx_torch)
@@ -117,7 +118,7 @@ def test_onnx_file_is_checked_and_self_contained(flat, two_stream):
     assert props["taxonomy.csv"].splitlines()[0].startswith("concept_name,")
     assert json.loads(props["preprocessing"])["mean"] == source["preprocessing"]["mean"]
     assert float(props["temperature"]) == pytest.approx(source["temperature"], abs=0)
-    meta = read_model_metadata(onnx_file)
+    meta = read_card(onnx_file)
     for key in ("labels", "taxonomy_hash", "image_size", "preprocessing", "data", "head", "backbone", "metric",
                 "temperature", "model_config"):
         assert meta[key] == source[key], key
@@ -177,9 +178,15 @@ def test_predict_cli_with_an_onnx_ensemble(flat, data, tmp_path, capsys):
 def test_torchscript_export_carries_the_same_metadata(flat, tmp_path):
     ckpt, _ = flat
     out = tmp_path / "model.pt"
+    onnx_stats = out.with_name("model.ood.safetensors")
+    if importlib.util.find_spec("onnxruntime") is not None:  # an ONNX export to the same stem keeps its own
+        export_model(ckpt, out.with_suffix(".onnx"), check=False)
+        before = onnx_stats.read_bytes()
     summary = export_model(ckpt, out, fmt="torchscript")
     assert summary.exporter == "torch.jit.trace" and summary.max_abs_diff < 1e-4
-    assert out.with_name("model.ood.safetensors").is_file()
+    assert summary.ood_file == out.with_name("model.pt.ood.safetensors") and summary.ood_file.is_file()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert onnx_stats.read_bytes() == before  # untouched by the TorchScript export
     extra = {k: "" for k in PROPERTY_KEYS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.14 marks TorchScript deprecated
@@ -248,12 +255,12 @@ def test_an_onnx_file_without_taxonomist_metadata_is_refused(flat, tmp_path):
     bare = tmp_path / "bare.onnx"
     onnx.save(proto, str(bare))
     with pytest.raises(ModelError, match="bare.onnx: no taxonomist metadata"):
-        read_model_metadata(bare)
+        read_card(bare)
     with pytest.raises(ModelError, match="bare.onnx: no taxonomist metadata"):
         load_model(bare)
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(ModelError, match="junk.onnx: not a readable ONNX model"):
-        read_model_metadata(tmp_path / "junk.onnx")
+        read_card(tmp_path / "junk.onnx")
 
 
 def test_metadata_reads_with_onnxruntime_alone(flat, monkeypatch):
@@ -268,5 +275,5 @@ def test_metadata_reads_with_onnxruntime_alone(flat, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnx)
-    meta = read_model_metadata(onnx_file)  # a machine that only predicts may install onnxruntime alone
+    meta = read_card(onnx_file)  # a machine that only predicts may install onnxruntime alone
     assert meta["labels"] == meta_labels(ckpt) and meta["taxonomy_hash"] == read_metadata(ckpt)["taxonomy_hash"]

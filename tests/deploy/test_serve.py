@@ -19,6 +19,7 @@ pytest.importorskip("python_multipart")
 from fastapi.testclient import TestClient
 
 from taxonomist.cli.main import main
+from taxonomist.decide import DecisionOptions  # noqa: E402
 from taxonomist.deploy.serve import MicroBatcher, ServeOptions, create_app, decode_upload
 from taxonomist.deploy.serve.app import bind_token, is_loopback
 from taxonomist.errors import ConfigError, ModelError
@@ -36,7 +37,7 @@ def served(served_run):
 @pytest.fixture(scope="module")
 def client(served):
     run, _ = served
-    app = create_app(run, ServeOptions(decision="min-risk", ood="energy", device="cpu"),
+    app = create_app(run, ServeOptions(DecisionOptions("min-risk", ood="energy"), device="cpu", engine="torch"),
                      max_batch=16, max_wait_ms=2, max_upload_mb=1, max_files=64)
     with TestClient(app) as c:
         yield c
@@ -116,7 +117,7 @@ def test_onnx_model_serves_the_same_answers(client, served, tmp_path):
     run, data = served
     export_model(run, tmp_path / "m.onnx", check=False)
     upload = [("file", (f.name, f.read_bytes(), "image/jpeg")) for f in images_of(data)[:8]]
-    with TestClient(create_app(tmp_path / "m.onnx", ServeOptions(decision="min-risk", ood="energy"))) as c:
+    with TestClient(create_app(tmp_path / "m.onnx", ServeOptions(DecisionOptions("min-risk", ood="energy")))) as c:
         assert c.get("/health").json()["model"] == "m.onnx"
         onnx = c.post("/predict", files=upload).json()["predictions"]
     torch_answers = client.post("/predict", files=upload).json()["predictions"]
@@ -241,9 +242,9 @@ def test_token_checked_on_every_request_but_health(served):
 def test_bad_model_or_option_fails_before_serving(served, tmp_path):
     run, _ = served
     with pytest.raises(ConfigError, match="decision"):
-        create_app(run, ServeOptions(decision="vote"))
+        create_app(run, ServeOptions(DecisionOptions(decision="vote")))
     with pytest.raises(ConfigError, match="OOD method"):
-        create_app(run, ServeOptions(ood_tpr=0.9))
+        create_app(run, ServeOptions(DecisionOptions(ood_tpr=0.9)))
     with pytest.raises(ModelError):
         create_app(tmp_path / "missing.safetensors")
 

@@ -13,6 +13,7 @@ pytest.importorskip("python_multipart")
 
 from fastapi.testclient import TestClient
 
+from taxonomist.decide import DecisionOptions  # noqa: E402
 from taxonomist.deploy.serve import ServeOptions, create_app
 from taxonomist.errors import ConfigError, ModelError
 
@@ -52,7 +53,7 @@ def test_odin_answers_equal_predict(odin_run, tmp_path):
     predict(run, folder, tmp_path / "p.csv", decision="min-risk", candidates="all", ood="odin", ood_tpr=0.5,
             device="cpu", num_workers=0, progress=False)
     offline = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).set_index("path")
-    options = ServeOptions(decision="min-risk", candidates="all", ood="odin", ood_tpr=0.5, device="cpu")
+    options = ServeOptions(DecisionOptions("min-risk", candidates="all", ood="odin", ood_tpr=0.5), device="cpu")
     with TestClient(create_app(run, options, max_batch=5, max_wait_ms=2)) as client:
         info = client.get("/metadata").json()["service"]["ood"]
         response = client.post("/predict", files=[("file", (f"{f.parent.name}/{f.name}", f.read_bytes(),
@@ -72,7 +73,7 @@ def test_odin_answers_equal_predict(odin_run, tmp_path):
 def test_mc_dropout_is_repeatable_per_request(served_run):
     run, data = served_run
     files = _images(data, 3)
-    options = ServeOptions(ood="mc-dropout", ood_threshold=0.5, device="cpu")
+    options = ServeOptions(DecisionOptions(ood="mc-dropout", ood_threshold=0.5), device="cpu")
     upload = [("file", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
     with TestClient(create_app(run, options, max_batch=8, max_wait_ms=2)) as client:
         first, again = (client.post("/predict", files=upload).json()["predictions"] for _ in range(2))
@@ -83,12 +84,13 @@ def test_mc_dropout_is_repeatable_per_request(served_run):
 def test_model_ood_refusals(served_run, tmp_path):
     run, _ = served_run
     with pytest.raises(ConfigError, match="needs several checkpoints"):
-        create_app(run, ServeOptions(ood="ensemble", ood_threshold=0.1))
+        create_app(run, ServeOptions(DecisionOptions(ood="ensemble", ood_threshold=0.1)))
     with pytest.raises(ModelError, match=r"decide\.model_ood=odin"):  # no stored threshold and none given
-        with TestClient(create_app(run, ServeOptions(ood="odin", device="cpu"))):
+        with TestClient(create_app(run, ServeOptions(DecisionOptions(ood="odin"), device="cpu"))):
             pass
     fake = tmp_path / "m.onnx"
     fake.write_bytes(b"refused before it is read")
     with pytest.raises(ConfigError, match="ONNX model cannot"):
-        with TestClient(create_app(fake, ServeOptions(ood="odin", ood_threshold=0.1, device="cpu"))):
+        odin = DecisionOptions(ood="odin", ood_threshold=0.1)
+        with TestClient(create_app(fake, ServeOptions(odin, device="cpu"))):
             pass

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from taxonomist.decide import ood_metrics
+from taxonomist.decide import DecisionOptions, ood_metrics
 from taxonomist.evaluate.answers import answer_metrics, level_predictions, per_label_table
 from taxonomist.evaluate.curves import one_vs_rest_roc, reliability_bins, roc_points
 from taxonomist.evaluate.metrics import classification_metrics
@@ -92,8 +92,8 @@ def outputs(tree):
 @pytest.mark.parametrize("rule", ["argmax", "min-risk", "backoff", "selective"])
 def test_evaluate_outputs_writes_the_design_keys_for_every_rule(tree, outputs, rule):
     logits, targets = outputs
-    res = evaluate_outputs(logits, targets, tree, "lca", decision=rule,
-                           candidates=list(tree.names) if rule == "min-risk" else None)
+    options = DecisionOptions(rule, candidates=list(tree.names) if rule == "min-risk" else None)
+    res = evaluate_outputs(logits, targets, tree, "lca", options=options)
     m = res.metrics
     for key in DESIGN_KEYS:
         assert key in m, key
@@ -115,7 +115,7 @@ def test_evaluate_outputs_writes_the_design_keys_for_every_rule(tree, outputs, r
 def test_min_risk_answers_the_genus_when_siblings_tie(tree, outputs):
     logits, targets = outputs
     argmax = evaluate_outputs(logits, targets, tree, "lca").metrics
-    res = evaluate_outputs(logits, targets, tree, "lca", decision="min-risk", candidates=list(tree.names))
+    res = evaluate_outputs(logits, targets, tree, "lca", options=DecisionOptions("min-risk", candidates=tree.names))
     m = res.metrics
     assert res.columns["prediction"][1] == "A"            # 0.45/0.45 between a1 and a2: the genus is safer
     assert res.columns["distance"][1] == 1.0

@@ -131,3 +131,79 @@ def test_cli_evaluate_writes_report_and_errors_in_one_line(tiny_run, tmp_path, c
     assert "ood rows" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--data", str(data), "--thresholds", "species:0.5"]) == 2
     assert "--thresholds" in capsys.readouterr().err
+
+
+def test_tta_merges_calibrated_views_and_one_identity_view_changes_nothing(tiny_run, tmp_path):
+    """`evaluate --tta`: the identity view alone reproduces the plain evaluation (same answers, same log
+    loss), several views are recorded in metrics.json, and the OOD scorers read the views' mean outputs."""
+    import numpy as np
+
+    run, data = tiny_run
+    plain = run_eval(run, data, tmp_path / "plain")
+    identity = run_eval(run, data, tmp_path / "identity", tta="identity")
+    assert identity.metrics["tta"] == ["identity"]
+    assert plain.metrics["tta"] is None
+    assert list(identity.predictions["prediction"]) == list(plain.predictions["prediction"])
+    assert identity.metrics["log_loss"] == pytest.approx(plain.metrics["log_loss"], abs=1e-5)
+    rot4 = run_eval(run, data, tmp_path / "rot4", tta="rot4",
+                    ood_scorers={"energy": build_ood_scorer("energy")})
+    assert sorted(rot4.metrics["tta"]) == ["identity", "rot180", "rot270", "rot90"]
+    assert rot4.metrics["tta_mode"] == "mean_probs"
+    assert np.isfinite(rot4.metrics["ood"]["energy"]["auroc"])
+    assert json.loads((tmp_path / "rot4" / "metrics.json").read_text())["tta"] == rot4.metrics["tta"]
+
+
+def test_tta_with_model_ood_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    run, data = tiny_run
+    code = main(["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / "e"), "--tta", "rot2",
+                 "--model-ood", "odin", "--device", "cpu", "--num-workers", "0", "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--tta cannot be combined with --model-ood" in err[0]
+
+
+def test_evaluating_into_the_run_says_it_replaced_the_earlier_evaluation(tiny_run, tmp_path, capsys):
+    """Without --out, evaluate writes into the run directory; when an evaluation is already there (training's
+    own), the output says it was replaced and how to keep it."""
+    import shutil
+
+    run, data = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "metrics.json").write_text("{}")  # the training-time evaluation
+    assert main(["evaluate", str(copy), "--data", str(data), "--device", "cpu", "--num-workers", "0",
+                 "--no-report"]) == 0
+    text = capsys.readouterr().out
+    assert f"note: replaced the evaluation that was in {copy} (metrics.json, predictions.csv)" in text
+    assert "--out DIR" in text
+    assert main(["evaluate", str(copy), "--data", str(data), "--out", str(tmp_path / "elsewhere"), "--device", "cpu",
+                 "--num-workers", "0", "--no-report"]) == 0
+    assert "replaced" not in capsys.readouterr().out
+
+
+def test_an_exported_onnx_model_evaluates_like_its_checkpoint(tiny_run, tmp_path, capsys):
+    """`taxonomist evaluate model.onnx`: the one loader reads an exported file too; its answers are the
+    checkpoint's (probabilities within onnxruntime's float noise), and what needs PyTorch is refused in one line."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module)
+    from taxonomist.deploy.export import export_model
+
+    run, data = tiny_run
+    onnx_file = tmp_path / "model.onnx"
+    export_model(run, onnx_file)
+    torch_ev = run_eval(run, data, tmp_path / "torch", decision="min-risk", candidates="all")
+    assert main(["evaluate", str(onnx_file), "--data", str(data), "--out", str(tmp_path / "onnx"), "--decision",
+                 "min-risk", "--candidates", "all", "--device", "cpu", "--num-workers", "0", "--no-report"]) == 0
+    m = json.loads((tmp_path / "onnx" / "metrics.json").read_text())
+    frame = pd.read_csv(tmp_path / "onnx" / "predictions.csv", keep_default_na=False)
+    assert list(frame["prediction"]) == list(torch_ev.predictions["prediction"])
+    assert (frame["confidence"] - torch_ev.predictions["confidence"]).abs().max() < 1e-4
+    assert m["checkpoint"] == str(onnx_file.resolve()) and m["decision"] == "min-risk" and m["run_dir"] is None
+    for key in ("mhd", "top1", "macro_f1"):
+        assert m[key] == pytest.approx(torch_ev.metrics[key])
+    assert m["log_loss"] == pytest.approx(torch_ev.metrics["log_loss"], abs=1e-4)
+    capsys.readouterr()
+    assert main(["evaluate", str(onnx_file), "--data", str(data), "--out", str(tmp_path / "odin"), "--model-ood",
+                 "odin", "--device", "cpu", "--num-workers", "0", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs the PyTorch model again; an exported ONNX model cannot" in err[0]
+

@@ -141,6 +141,21 @@ def test_stock_errors_are_one_line(data_and_run, tmp_path, capsys):
         stock_class_names(nn.Linear(2, 3), None)
 
 
+def test_offline_stock_error_names_the_flag_not_the_config_key(data_and_run, tmp_path, capsys, monkeypatch):
+    """Issue 23: `baseline stock` offline advised `model.pretrained=`, a config key this command does not take."""
+    import huggingface_hub.constants as hub
+
+    from taxonomist.models import pretrained
+    monkeypatch.setattr(pretrained, "_reachable", lambda endpoint: False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    data, _ = data_and_run
+    assert main(["baseline", "stock", "timm/test_efficientnet", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot download weights for test_efficientnet (huggingface.co unreachable); "
+                          "pass --pretrained FILE") and "--pretrained none" in err
+    assert "model.pretrained" not in err and err.count("\n") == 1
+
+
 def test_imagenet_head_is_named_by_timm():
     import timm
 

@@ -16,7 +16,7 @@ from taxonomist.inference import known_threshold, load_ood_scorers, ood_path, oo
 from taxonomist.inference.calibrate import TPR_LEVELS
 from taxonomist.inference.run_model import infer_rows
 from taxonomist.train.checkpoint import load_checkpoint
-from taxonomist.train.loop import split_rows
+from taxonomist.data.split import split_rows
 
 
 def test_calibration_writes_temperature_ece_and_the_ood_file(tiny_run):
@@ -162,3 +162,17 @@ def test_an_unknown_temperature_objective_is_refused_before_training(tmp_path):
     from taxonomist.cli.main import main
     assert main(["train", "--set", f"out={tmp_path / 'run'}", "--set", "decide.temperature=ecee"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["../secret.safetensors", "/etc/passwd", "sub/best.ood.safetensors", ".."])
+def test_ood_file_named_outside_the_model_folder_is_refused(tiny_run, tmp_path, name):
+    """A checkpoint's metadata is untrusted: its `ood.file` may name a file beside the model, nothing else."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(tiny_run / "checkpoints", folder)
+    (tmp_path / "secret.safetensors").write_bytes((folder / "best.ood.safetensors").read_bytes())
+    meta_file = folder / "best.json"
+    meta = json.loads(meta_file.read_text())
+    meta["ood"]["file"] = name
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        load_ood_scorers(folder / "best.safetensors")

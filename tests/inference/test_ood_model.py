@@ -13,7 +13,7 @@ from taxonomist.errors import ConfigError, ModelError, TaxonomistError
 from taxonomist.inference.run_model import eval_transform
 from taxonomist.inference.ood_model import dropout_layers, mc_dropout_probs, mc_dropout_scores, odin_scores
 from taxonomist.train.checkpoint import load_checkpoint
-from taxonomist.train.inference import run_inference
+from taxonomist.inference.forward import run_inference
 
 DEV = torch.device("cpu")
 

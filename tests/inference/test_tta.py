@@ -10,7 +10,7 @@ import torch
 from taxonomist.decide import aggregate_views, apply_temperature, softmax
 from taxonomist.errors import ConfigError
 from taxonomist.inference.tta import DEFAULT_TTA, TTA_PRESETS, View, parse_tta, run_inference_tta
-from taxonomist.train.inference import run_inference
+from taxonomist.inference.forward import run_inference
 
 
 def names(spec):

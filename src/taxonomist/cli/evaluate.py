@@ -8,6 +8,7 @@ examples:
   taxonomist evaluate runs/first/checkpoints/best.safetensors --data data/fungi --critical "Amanita phalloides"
   taxonomist evaluate runs/first --data data/synth --decision backoff --thresholds species=0.6,genus=0.7
   taxonomist evaluate runs/first --data data/synth --model-ood odin mc-dropout --ensemble runs/second
+  taxonomist evaluate model.onnx --data data/synth --out evaluation/     # an exported model (taxonomist export)
 
 Writes metrics.json (mhd, top1, log_loss, macro_f1, hierarchical_accuracy, per_rank, ece, ece_uncalibrated, n,
 per-label precision/recall/F1, ood when the dataset has ood rows and the checkpoint OOD scorers),
@@ -26,7 +27,9 @@ def register(sub, formatter):
     p = sub.add_parser("evaluate", help="evaluate a run on a dataset split → metrics.json, predictions.csv, report.html",
                        description="Evaluate a trained run or checkpoint on a held-out split.", epilog=EXAMPLE,
                        formatter_class=formatter)
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory or a .safetensors checkpoint")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                   help="a run directory, a .safetensors checkpoint, an exported .onnx model, a Hub folder or "
+                        "hf-hub:ORG/NAME[@REVISION] (these two need --out)")
     p.add_argument("--data", metavar="DATASET", help="dataset directory (default: the run's data.root)")
     p.add_argument("--split", default="test", help="split to evaluate (test falls back to val when there is none)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory)")
@@ -47,6 +50,10 @@ def register(sub, formatter):
                         "mc-dropout (predictive entropy over 10 dropout passes)")
     p.add_argument("--ensemble", nargs="+", action="extend", default=[], metavar="RUN_OR_CHECKPOINT",
                    help="other checkpoints with the same labels: adds ood.ensemble (their disagreement)")
+    p.add_argument("--tta", nargs="?", const="rot2+flip", default=None, metavar="SPEC",
+                   help="test-time augmentation as in predict; alone = rot2+flip (4 views), or e.g. rot4, d4")
+    p.add_argument("--tta-mode", choices=("mean_probs", "mean_logits"), default="mean_probs",
+                   help="merge TTA views by their mean probabilities or mean logits")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = chosen for the machine")
@@ -57,39 +64,28 @@ def register(sub, formatter):
     p.set_defaults(func=run)
 
 
-def parse_thresholds(text: str | None):
-    """`species=0.55,genus=0.6` → {rank: p}; `0.7` → 0.7; None → None."""
-    from taxonomist.errors import ConfigError
-    if text is None:
-        return None
-    text = text.strip()
-    try:
-        if "=" not in text:
-            return float(text)
-        out = {}
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            if not key.strip() or not value.strip():
-                raise ValueError(part)
-            out[key.strip()] = float(value)
-        return out
-    except ValueError:
-        raise ConfigError(f"--thresholds {text!r}: expected RANK=P,RANK=P (e.g. species=0.55,genus=0.6) "
-                          "or one number") from None
-
-
 def run(args) -> int:
     import sys
 
+    from taxonomist.decide import parse_thresholds
+    from taxonomist.deploy.hub import is_hub_source, resolve_model_source
+    from taxonomist.errors import ConfigError
     from taxonomist.evaluate.run import evaluate_run
 
+    if args.out is None and is_hub_source(args.run):
+        raise ConfigError(f"{args.run}: a Hub model has no run directory to write into (its folder is the download "
+                          "cache or an export); give --out DIR")
+    args.run = str(resolve_model_source(args.run))  # hf-hub:… → the cached copy
+    args.ensemble = [str(resolve_model_source(m)) for m in args.ensemble]
     if args.critical and not args.no_report:
         _check_critical(args.run, args.critical)  # before minutes of inference, not after
+    replaced = args.out is None and _earlier_evaluation(args.run)
     ev = evaluate_run(args.run, data=args.data, split=args.split, out=args.out, device=args.device,
                       batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
                       decision=args.decision, candidates=args.candidates,
                       thresholds=parse_thresholds(args.thresholds), model_ood=args.model_ood,
-                      ensemble=args.ensemble, trust_code=args.trust_code, top_k=args.top_k)
+                      ensemble=args.ensemble, trust_code=args.trust_code, top_k=args.top_k, tta=args.tta,
+                      tta_mode=args.tta_mode)
     from taxonomist.pipeline import record_step_done, run_step
     record_step_done(ev.out_dir, "evaluate")  # a run whose evaluation had failed is whole again
     print(ev.summary())
@@ -106,15 +102,29 @@ def run(args) -> int:
                                     f"failed: {failure.error} — traceback in {failure.log}; redo it with: "
                                     f"{failure.redo}", step="report", redo=failure.redo, log=failure.log)
         print(f"report       {report}")
+    if replaced:
+        written = "metrics.json, predictions.csv" + ("" if args.no_report else ", report.html")
+        print(f"note: replaced the evaluation that was in {ev.out_dir} ({written}); "
+              "--out DIR writes a new evaluation beside it instead")
     return 0
+
+
+def _earlier_evaluation(run_or_checkpoint: str) -> bool:
+    """Whether evaluating without --out replaces an evaluation already in the run directory (training's own,
+    or an earlier `taxonomist evaluate`)."""
+    from pathlib import Path
+
+    path = Path(run_or_checkpoint)
+    folder = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    return (folder / "metrics.json").is_file()
 
 
 def _check_critical(run_or_checkpoint: str, names: list[str]) -> None:
     from taxonomist.errors import UnknownLabelError
     from taxonomist.taxonomy import suggest
-    from taxonomist.train.checkpoint import read_metadata, resolve_checkpoint, taxonomy_from_json
+    from taxonomist.inference.model_file import read_card
 
-    taxonomy = taxonomy_from_json(read_metadata(resolve_checkpoint(run_or_checkpoint))["taxonomy"])
+    taxonomy = read_card(run_or_checkpoint).taxonomy
     for name in names:
         if name not in taxonomy:
             raise UnknownLabelError(f"--critical {name!r} is not a taxon of the model{suggest(name, taxonomy.names)}")

@@ -7,6 +7,11 @@ from __future__ import annotations
 DECISION_CHOICES = ("argmax", "min-risk", "backoff", "selective", "rollup", "common-ancestor")
 OOD_CHOICES = ("auto", "msp", "max-logit", "energy", "mahalanobis", "knn", "relative-mahalanobis", "vim",
                "react-energy", "odin", "mc-dropout", "ensemble")
+#: inference.onnx_model.ENGINES (checked by tests/inference/test_engine.py)
+ENGINE_CHOICES = ("auto", "torch", "onnx")
+ENGINE_HELP = ("what runs a checkpoint: auto = onnxruntime on CPU (the checkpoint exported to ONNX once, cached in "
+               "$XDG_CACHE_HOME/taxonomist/onnx by its SHA-256) when the onnx extra is installed and no option needs "
+               "PyTorch (--ood odin, mc-dropout), else PyTorch (always on CUDA/MPS); torch or onnx force one")
 
 EXAMPLE = """\
 examples:
@@ -18,6 +23,7 @@ examples:
   taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood odin --out p.csv
   taxonomist predict fold_0 fold_1 fold_2 --images DIR --ood ensemble --ood-threshold 0.05 --out p.csv
   taxonomist predict model.onnx --images DIR --out p.csv                  # exported with `taxonomist export`
+  taxonomist predict hf-hub:my-lab/plankton@v2 --images DIR --out p.csv   # from the Hugging Face Hub (or its cache)
   torchrun --nproc_per_node 4 -m taxonomist.cli.main predict RUN --images DIR --out p.csv --resume
 
 --images takes a folder (searched recursively), a CSV with a `path` column relative to the CSV's folder
@@ -52,6 +58,14 @@ ood.ensemble.threshold that `taxonomist evaluate RUN --ensemble OTHER` reports. 
 rot2 (the FathomNet 2nd place's 2 views), flip, rot4, d4, scales=0.875,1.0,1.125, joined with '+'.
 Put --tta after the checkpoints, or give it a spec, so that it does not swallow a checkpoint path.
 
+Engine: on CPU a checkpoint runs on onnxruntime (3-4x faster than PyTorch there) when the onnx extra is
+installed ('taxonomist[onnx]'): the first run exports it (seconds to a minute) to
+$XDG_CACHE_HOME/taxonomist/onnx/ (~/.cache/...), keyed by the checkpoint's SHA-256, and later runs reuse
+the file; delete that folder to clear it. --ood odin/mc-dropout, backbones that are code, CUDA and MPS run
+PyTorch, and so does a failed export; --engine torch always does, --engine onnx refuses what onnxruntime
+cannot run. Answers are the same; probabilities agree to about 1e-5 (docs/deploy.md, "Which engine runs
+the model").
+
 A model file is data: a checkpoint naming a backbone that imports code (module:PKG:FACTORY) is refused unless
 --trust-code. --out may not be one of the inputs (images CSV, annotations.csv, a model file, …).
 
@@ -68,8 +82,8 @@ def register(sub, formatter):
                        description="Predict images with one checkpoint or an ensemble and write the decisions.",
                        epilog=EXAMPLE, formatter_class=formatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="a .safetensors checkpoint, a run directory (its best checkpoint) or an exported .onnx "
-                        "model; several = an ensemble")
+                   help="a .safetensors checkpoint, a run directory (its best checkpoint), an exported .onnx "
+                        "model, a Hub folder or hf-hub:ORG/NAME[@REVISION]; several = an ensemble")
     p.add_argument("--images", required=True, metavar="DIR_OR_CSV",
                    help="a folder of images, a CSV with a path column, or a dataset directory")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
@@ -109,6 +123,7 @@ def register(sub, formatter):
     p.add_argument("--split", default=None, metavar="NAME", help="dataset directory: predict only this split")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda or mps")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto", help=ENGINE_HELP)
     p.add_argument("--workers", type=int, default=-1, help="image-loading processes; -1 = chosen for the machine")
     p.add_argument("--chunk-size", type=int, default=1024, metavar="N",
                    help="rows per chunk: the unit written to OUT.parts/, dealt to torchrun ranks and kept by --resume")
@@ -120,25 +135,38 @@ def register(sub, formatter):
     p.set_defaults(func=run)
 
 
+def decision_options(args, **extra):
+    """The `DecisionOptions` of the decision and OOD flags that predict and serve share (checked there, each
+    message naming its flag)."""
+    from taxonomist.decide import DecisionOptions
+
+    return DecisionOptions(decision=args.decision, candidates=args.candidates, thresholds=args.thresholds,
+                           selective_threshold=args.selective_threshold, top_k=args.top_k, ood=args.ood,
+                           ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback=args.ood_fallback,
+                           **extra)
+
+
 def run(args) -> int:
     import sys
 
     from taxonomist.errors import ConfigError
     from taxonomist.inference.predict import predict
 
+    options = decision_options(args, tta=args.tta, tta_mode=args.tta_mode)  # before any download
     weights = None
     if args.weights:
         try:
             weights = [float(w) for w in args.weights.split(",")]
         except ValueError:
             raise ConfigError(f"--weights {args.weights!r}: expected numbers separated by commas") from None
+    from taxonomist.deploy.hub import resolve_model_source
+
+    args.checkpoints = [str(resolve_model_source(c)) for c in args.checkpoints]  # hf-hub:… → the cached copy
     summary = predict(
-        args.checkpoints, args.images, args.out, decision=args.decision, candidates=args.candidates,
-        thresholds=args.thresholds, selective_threshold=args.selective_threshold, top_k=args.top_k, ood=args.ood,
-        ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback_level=args.ood_fallback,
-        tta=args.tta, tta_mode=args.tta_mode, fmt=args.fmt, fill_unreadable=args.fill_unreadable,
+        args.checkpoints, args.images, args.out, options, fmt=args.fmt, fill_unreadable=args.fill_unreadable,
         batch_size=args.batch_size, device=args.device, num_workers=args.workers,
         ensemble_mode=args.ensemble_mode, weights=weights, split=args.split, progress=sys.stderr.isatty(),
-        chunk_size=args.chunk_size, resume=args.resume, strict=args.strict, trust_code=args.trust_code)
+        chunk_size=args.chunk_size, resume=args.resume, strict=args.strict, trust_code=args.trust_code,
+        engine=args.engine)
     print(summary.summary())
     return 0

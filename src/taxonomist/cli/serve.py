@@ -2,7 +2,7 @@
 (`taxonomist.deploy.serve`)."""
 from __future__ import annotations
 
-from taxonomist.cli.predict import DECISION_CHOICES, OOD_CHOICES
+from taxonomist.cli.predict import DECISION_CHOICES, ENGINE_CHOICES, ENGINE_HELP, OOD_CHOICES, decision_options
 
 # plain numbers, not imports of the serve modules: `taxonomist --help` stays fast (they match
 # `deploy.serve.uploads.MAX_IMAGE_PIXELS`, `MAX_DECODES` and `deploy.serve.app.READ_TIMEOUT_S`, checked by a test)
@@ -16,6 +16,7 @@ examples:
   taxonomist serve runs/demo/run                                  # → http://127.0.0.1:8000/
   taxonomist serve RUN/checkpoints/best.safetensors --port 8765 --decision min-risk --candidates all
   taxonomist serve model.onnx --ood energy --ood-tpr 0.95 --max-batch 64
+  taxonomist serve hf-hub:my-lab/plankton                         # from the Hugging Face Hub (or its cache)
   TAXONOMIST_TOKEN=$(openssl rand -hex 16) taxonomist serve RUN --host 0.0.0.0 --token-env TAXONOMIST_TOKEN --workers 2
 
   taxonomist serve runs/fathomnet2025                             # a two-stream model (ROI + context)
@@ -47,7 +48,8 @@ def register(sub, formatter):
                        description="Serve a checkpoint or an exported ONNX model over HTTP (FastAPI + uvicorn).",
                        epilog=EXAMPLE, formatter_class=formatter)
     p.add_argument("model", metavar="MODEL",
-                   help="a checkpoint, a run directory (its best checkpoint) or an .onnx file")
+                   help="a checkpoint, a run directory (its best checkpoint), an .onnx file, a Hub folder or "
+                        "hf-hub:ORG/NAME[@REVISION]")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; not loopback → --token-env required")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--decision", choices=DECISION_CHOICES, default="argmax", help="decision rule")
@@ -96,6 +98,7 @@ def register(sub, formatter):
                    help="the context a frame + bbox gives a two-stream model: S × the box's longer side, or the "
                         "whole frame (default: the scale the model recorded at training; `data prepare --context`)")
     p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda or mps")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto", help=ENGINE_HELP)
     p.add_argument("--trust-code", action="store_true",
                    help="load a checkpoint whose backbone imports code (module:PKG:FACTORY) or fetches it "
                         "(open_clip:hf-hub:…); only for model files you trust (refused without it)")
@@ -137,15 +140,16 @@ def run(args) -> int:
                           "give one host name per flag (no scheme, path or port)")
     if is_loopback(args.host):  # a DNS-rebinding page reaches loopback under its own name: refuse other names
         allowed = [*LOOPBACK_HOSTS, args.host, *allowed]
-    options = ServeOptions(decision=args.decision, candidates=args.candidates, thresholds=args.thresholds,
-                           selective_threshold=args.selective_threshold, top_k=args.top_k, ood=args.ood,
-                           ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback=args.ood_fallback,
-                           device=args.device, context_scale=args.context_scale, trust_code=args.trust_code)
+    options = ServeOptions(decision_options(args), device=args.device, context_scale=args.context_scale,
+                           trust_code=args.trust_code, engine=args.engine)
     app_kwargs = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                       max_files=args.max_files, max_image_pixels=args.max_image_pixels, max_decodes=args.max_decodes,
                       read_timeout=args.read_timeout)
     check_limits(**app_kwargs)
     app_kwargs["allowed_hosts"] = allowed or None
+    from taxonomist.deploy.hub import resolve_model_source
+
+    args.model = str(resolve_model_source(args.model))  # hf-hub:… → the cached copy, for every worker
     # load once here, so that a bad model or option is one `error:` line before anything binds
     predictor = Predictor.load(args.model, options)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -159,7 +163,7 @@ def run(args) -> int:
     import uvicorn
 
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {predictor.model_path} ({predictor.options.decision}) on http://{shown}:{args.port}/ "
+    print(f"serving {predictor.model_path} ({predictor.decision.decision}) on http://{shown}:{args.port}/ "
           f"— the page at /, the API at /predict, the reference at /docs"
           f"{'; bearer token required' if token else ''}", file=sys.stderr, flush=True)
     # uvicorn's own guards: idle keep-alive connections close, connections beyond the cap get 503 at once,

@@ -1,6 +1,7 @@
 """Decisions: from a model's logits/probabilities to answers — calibration, rules, ensembles, TTA views, OOD.
 
-Works on numpy arrays only (no torch), so it serves any model's outputs.
+Works on numpy arrays only (no torch), so it serves any model's outputs. `answer(probs, taxonomy,
+DecisionOptions(…), ood_scores)` is the one decision path of predict, serve and evaluate.
 
 >>> import numpy as np
 >>> from taxonomist.taxonomy import Taxonomy, lca_distance
@@ -16,27 +17,38 @@ from taxonomist.decide.calibration import (TEMPERATURE_OBJECTIVES, apply_tempera
 from taxonomist.decide.candidates import CANDIDATE_KEYWORDS, candidate_mask, candidate_nodes
 from taxonomist.decide.ensemble import (COMBINE_MODES, VIEW_MODES, aggregate_views, combine_probs,
                                         fit_ensemble_weights)
-from taxonomist.decide.ood import (AUTO_OOD_METHOD, OOD_METHODS, OOD_SCORERS, STACK_SCORES, EnergyScorer, KNNScorer,
+from taxonomist.decide.disagreement import (STACK_SCORES, ensemble_disagreement, mutual_information,
+                                            predictive_entropy, stack_score, variation_ratio)
+from taxonomist.decide.fallback import ood_fallback, parse_fallback, resolve_fallback
+from taxonomist.decide.ood import (AUTO_OOD_METHOD, DEFAULT_OOD_TPR, ENSEMBLE_OOD_METHOD, MODEL_OOD_METHODS,
+                                   OOD_METHODS, OOD_SCORERS, PREDICT_OOD_METHODS, EnergyScorer, KNNScorer,
                                    MahalanobisScorer, MaxLogitScorer, MSPScorer, OODScorer, build_ood_scorer,
-                                   ensemble_disagreement, load_ood_scorer, mutual_information, ood_fallback,
-                                   ood_metrics, predictive_entropy, resolve_ood_method, stack_score,
-                                   threshold_for_tpr, threshold_metrics, variation_ratio)
+                                   check_tpr, load_ood_scorer, ood_metrics, resolve_ood_method, threshold_for_tpr,
+                                   threshold_metrics)
 from taxonomist.decide.heuristics import common_ancestor_decision, rollup_decision
 from taxonomist.decide.rules import (DECISIONS, Decisions, argmax_decision, backoff_decision, coverage_risk_curve,
                                      decide, default_thresholds, expected_distance, hierarchical_coverage,
                                      min_risk_decision, node_thresholds, selective_decision, undominated_candidates)
-from taxonomist.decide.tree_sums import ancestor_operator, node_probabilities
+from taxonomist.decide.scores import macro_f1
+from taxonomist.decide.tree_sums import ancestor_operator, answer_probability, node_probabilities
+from taxonomist.decide.answer import Answers, DecisionOptions, answer, answer_levels, parse_thresholds
 
 __all__ = [
     "softmax", "log_softmax",
-    "fit_temperature", "fit_temperature_for", "TEMPERATURE_OBJECTIVES", "apply_temperature", "check_temperature", "expected_calibration_error",
+    "DecisionOptions", "Answers", "answer", "answer_levels", "parse_thresholds", "answer_probability", "macro_f1",
+    "fit_temperature", "fit_temperature_for", "TEMPERATURE_OBJECTIVES", "apply_temperature", "check_temperature",
+    "expected_calibration_error",
     "CANDIDATE_KEYWORDS", "candidate_nodes", "candidate_mask",
     "COMBINE_MODES", "VIEW_MODES", "combine_probs", "fit_ensemble_weights", "aggregate_views",
-    "OOD_METHODS", "OOD_SCORERS", "AUTO_OOD_METHOD", "resolve_ood_method", "OODScorer", "MSPScorer", "MaxLogitScorer", "EnergyScorer", "MahalanobisScorer",
-    "KNNScorer", "build_ood_scorer", "load_ood_scorer", "ood_metrics", "threshold_for_tpr", "threshold_metrics",
-    "ood_fallback", "STACK_SCORES", "predictive_entropy", "mutual_information", "variation_ratio", "stack_score",
+    "OOD_METHODS", "OOD_SCORERS", "AUTO_OOD_METHOD", "MODEL_OOD_METHODS", "ENSEMBLE_OOD_METHOD", "PREDICT_OOD_METHODS",
+    "DEFAULT_OOD_TPR", "check_tpr", "resolve_ood_method", "OODScorer", "MSPScorer", "MaxLogitScorer", "EnergyScorer",
+    "MahalanobisScorer", "KNNScorer", "build_ood_scorer", "load_ood_scorer", "ood_metrics", "threshold_for_tpr",
+    "threshold_metrics",
+    "ood_fallback", "parse_fallback", "resolve_fallback",
+    "STACK_SCORES", "predictive_entropy", "mutual_information", "variation_ratio", "stack_score",
     "ensemble_disagreement",
     "DECISIONS", "Decisions", "decide", "argmax_decision", "min_risk_decision", "expected_distance",
-    "backoff_decision", "selective_decision", "rollup_decision", "common_ancestor_decision", "coverage_risk_curve", "hierarchical_coverage", "node_probabilities",
-    "node_thresholds", "default_thresholds", "ancestor_operator", "undominated_candidates",
+    "backoff_decision", "selective_decision", "rollup_decision", "common_ancestor_decision", "coverage_risk_curve",
+    "hierarchical_coverage", "node_probabilities", "node_thresholds", "default_thresholds", "ancestor_operator",
+    "undominated_candidates",
 ]

@@ -15,8 +15,8 @@ from taxonomist.config import DecideConfig
 from taxonomist.decide._arrays import as_matrix, as_probs, as_targets, as_vector, chunk_rows
 from taxonomist.decide import heuristics as H
 from taxonomist.decide.candidates import candidate_mask
-from taxonomist.decide.tree_sums import (SLACK, ancestor_operator, best_reaching, check_threshold,
-                                         deepest_node_reaching, deepest_true, node_sums)
+from taxonomist.decide.tree_sums import (SLACK, ancestor_operator, answer_probability, best_reaching,
+                                         check_threshold, deepest_node_reaching, deepest_true, node_sums)
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import RANKS, Taxonomy, default_metric, distance_matrix, suggest
 
@@ -143,7 +143,8 @@ def default_thresholds(taxonomy: Taxonomy) -> dict:
     return {d: round(min(0.85, 0.55 + 0.05 * (top - d)), 2) for d in range(top + 1)}
 
 
-def _threshold_value(key, value) -> float:
+def threshold_value(key, value) -> float:
+    """`value` as a probability threshold in [0, 1], or a ConfigError naming `thresholds[key]`."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -172,13 +173,13 @@ def node_thresholds(taxonomy: Taxonomy, thresholds: Mapping | float | None = Non
     if thresholds is None:
         thresholds = default_thresholds(taxonomy)
     if isinstance(thresholds, (int, float, np.floating, np.integer)) and not isinstance(thresholds, bool):
-        return np.full(n, _threshold_value("all", thresholds))
+        return np.full(n, threshold_value("all", thresholds))
     if not isinstance(thresholds, Mapping):
         raise ConfigError(f"thresholds must be a number or a mapping rank/depth -> probability, "
                           f"got {type(thresholds).__name__}")
     by_rank, by_depth = {}, {}
     for key, value in thresholds.items():
-        v = _threshold_value(key, value)
+        v = threshold_value(key, value)
         text = str(key).strip()
         if isinstance(key, str) and text in RANKS:
             by_rank[text] = v
@@ -421,7 +422,7 @@ def decide(probs: np.ndarray, taxonomy: Taxonomy, rule: str = "argmax", candidat
             dist = distance_matrix(taxonomy, metric, rows=taxonomy.labels, cols=names)
             choice, risk = min_risk_decision(p, dist, chunk_size=chunk_size)
             nodes = taxonomy.indices(names)[choice]
-        confidence = _answer_probabilities(p, taxonomy, nodes, chunk_size)
+        confidence = answer_probability(p, taxonomy, nodes)
     elif rule == "backoff":
         nodes, confidence = backoff_decision(p, taxonomy, thresholds, candidates, chunk_size)
     else:
@@ -440,13 +441,3 @@ def decide(probs: np.ndarray, taxonomy: Taxonomy, rule: str = "argmax", candidat
                     p, taxonomy, H.COMMON_ANCESTOR_SHARE if thresholds is None else thresholds,
                     H.COMMON_ANCESTOR_TOP_K if top_k is None else top_k, candidates, chunk_size)
     return Decisions(nodes, [taxonomy.names[i] for i in nodes], confidence, risk)
-
-
-def _answer_probabilities(p: np.ndarray, taxonomy: Taxonomy, nodes: np.ndarray, chunk_size: int | None) -> np.ndarray:
-    op_t = ancestor_operator(taxonomy).T.tocsr()
-    out = np.empty(len(p))
-    step = chunk_rows(chunk_size, len(taxonomy))
-    for s in range(0, len(p), step):
-        agg = node_sums(p[s:s + step], op_t)
-        out[s:s + step] = agg[np.arange(len(agg)), nodes[s:s + step]]
-    return out

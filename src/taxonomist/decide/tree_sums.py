@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse
 
-from taxonomist.decide._arrays import as_probs, chunk_rows
+from taxonomist.decide._arrays import as_probs, as_targets, chunk_rows
 from taxonomist.decide.candidates import candidate_mask
 from taxonomist.errors import ConfigError
 from taxonomist.taxonomy import Taxonomy
@@ -52,6 +52,20 @@ def node_probabilities(probs: np.ndarray, taxonomy: Taxonomy, nodes: Sequence[st
     for s in range(0, len(p), step):
         out[s:s + step] = node_sums(p[s:s + step], op_t)
     return out
+
+
+def answer_probability(probs: np.ndarray, taxonomy: Taxonomy, nodes: np.ndarray) -> np.ndarray:
+    """P(answer): for each row, the summed probability of the labels at or below its node (an index into
+    `taxonomy.names`) — the probability that the answer is right, if maybe coarse. Returns (N,) float64.
+
+    >>> tax = Taxonomy.from_parents({"Fish": None, "Cod": "Fish", "Hake": "Fish"})
+    >>> answer_probability(np.array([[0.7, 0.3], [0.2, 0.8]]), tax, tax.indices(["Fish", "Hake"])).tolist()
+    [1.0, 0.8]
+    """
+    p = as_probs(probs, n_cols=len(taxonomy.labels))
+    idx = as_targets(nodes, len(p), len(taxonomy), name="nodes")
+    under = ancestor_operator(taxonomy).tocsc()[:, idx]  # (L, N): label l at or below answer n
+    return np.asarray(under.multiply(p.T).sum(axis=0), dtype=np.float64).ravel()
 
 
 def deepest_true(ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

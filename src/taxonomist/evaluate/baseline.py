@@ -16,7 +16,8 @@ from taxonomist.config import Config
 from taxonomist.data.dataset import Dataset, load_dataset
 from taxonomist.errors import DataError
 from taxonomist.evaluate.outputs import evaluate_outputs
-from taxonomist.evaluate.run import Evaluation, _decision_settings, _rows_for_split, write_predictions
+from taxonomist.decide import DEFAULT_OOD_TPR, DecisionOptions
+from taxonomist.evaluate.run import Evaluation, rows_for_split, candidates_text, write_predictions
 from taxonomist.taxonomy import Taxonomy, default_metric, write_taxonomy
 from taxonomist.utils.files import atomic_write_json, atomic_write_text
 
@@ -28,7 +29,7 @@ BASELINE_OOD = ("msp", "energy")
 def baseline_dataset(data: str | Path) -> Dataset:
     """The dataset with the labels a model trained on it would have (its train/val rows' labels, taxonomy order),
     so that a baseline and a fine-tuned run are scored over the same labels."""
-    from taxonomist.train.loop import trainable_labels
+    from taxonomist.data.split import trainable_labels
 
     dataset = load_dataset(data)
     pool = trainable_labels(dataset)
@@ -53,16 +54,18 @@ def evaluate_baseline(model, preprocessing: Mapping, dataset: Dataset, out: str 
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
     from taxonomist.decide import build_ood_scorer
     from taxonomist.inference.calibrate import known_threshold
-    from taxonomist.train.inference import run_inference
-    from taxonomist.train.loop import configure_threads, select_device
+    from taxonomist.inference.forward import run_inference
+    from taxonomist.runtime import configure_threads, select_device
 
     start = time.time()
     taxonomy: Taxonomy = dataset.taxonomy
     dev = select_device(device)
     configure_threads(0, dev, num_workers)
     model = model.to(dev).eval()
-    rule, spec, cand_names, thr = _decision_settings(None, taxonomy, decision, candidates, thresholds)
-    rows, used_split = _rows_for_split(dataset, None, split)
+    options = DecisionOptions.from_config(Config().decide, taxonomy.has_ranks, decision=decision,
+                                          candidates=candidates, thresholds=thresholds)
+    spec = candidates_text(options.candidates)
+    rows, used_split = rows_for_split(dataset, None, split)
     rows = rows[rows["label"].isin(set(taxonomy.labels))]
     if rows.empty:
         raise DataError(f"{dataset.root}: no rows of the {used_split} split carry one of the {len(taxonomy.labels)} "
@@ -105,16 +108,16 @@ def evaluate_baseline(model, preprocessing: Mapping, dataset: Dataset, out: str 
             scorer = build_ood_scorer(method).fit(None, res.logits, None)
             ood_scores[method] = (scorer.score(None, res.logits), scorer.score(None, unk.logits))
             if val is not None:
-                ood_thr[method] = known_threshold(scorer.score(None, val.logits), 0.95)
+                ood_thr[method] = known_threshold(scorer.score(None, val.logits), DEFAULT_OOD_TPR)
 
     metric = default_metric(taxonomy)
-    result = evaluate_outputs(res.logits, res.targets, taxonomy, metric, temperature=1.0, decision=rule,
-                              candidates=cand_names, thresholds=thr, ood_scores=ood_scores, ood_thresholds=ood_thr)
+    result = evaluate_outputs(res.logits, res.targets, taxonomy, metric, temperature=1.0, options=options,
+                              ood_scores=ood_scores, ood_thresholds=ood_thr)
     m = result.metrics
     for method in ood_thr:
         m["ood"][method]["threshold_source"] = "95% of the val rows kept"
     out_dir = Path(out)
-    m.update(split=used_split, candidates=spec, thresholds=thr, checkpoint=None, run_dir=str(out_dir.resolve()),
+    m.update(split=used_split, candidates=spec, thresholds=options.thresholds, checkpoint=None, run_dir=str(out_dir.resolve()),
              data=str(Path(dataset.root).resolve()), taxonomy_hash=taxonomy.hash, epoch=None,
              baseline=dict(description), seconds=round(time.time() - start, 3))
     m["notes"] = all_notes + m["notes"]
@@ -124,7 +127,7 @@ def evaluate_baseline(model, preprocessing: Mapping, dataset: Dataset, out: str 
     cfg.model.backbone = str(description.get("model", ""))
     cfg.model.pretrained = str(description.get("pretrained", "auto"))
     cfg.train.epochs = 0
-    cfg.decide.decision = rule
+    cfg.decide.decision = options.decision
     header = f"# {description.get('kind', 'baseline')} baseline: evaluated as is, no training (see metrics.json baseline)\n"
     atomic_write_text(out_dir / "config.yaml", header + cfg.to_yaml())
     atomic_write_json(out_dir / "metrics.json", m)

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from taxonomist.decide.calibration import expected_calibration_error
+from taxonomist.decide.scores import macro_f1  # defined below training, whose validation reports it too
 from taxonomist.errors import DataError
 from taxonomist.taxonomy import Taxonomy
 
@@ -22,15 +23,6 @@ def _check(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if len(targets) and (targets.min() < 0 or targets.max() >= probs.shape[1]):
         raise DataError(f"targets must lie in [0, {probs.shape[1]}), got {targets.min()}…{targets.max()}")
     return probs, targets
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-averaged F1 over the classes present in `y_true` (a class never predicted scores 0)."""
-    from sklearn.metrics import f1_score
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if len(y_true) == 0:
-        return float("nan")
-    return float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0))
 
 
 def log_loss(probs: np.ndarray, targets: np.ndarray, eps: float = 1e-15) -> float:
@@ -139,3 +131,7 @@ def lineage_consistency(level_predictions: Sequence[np.ndarray], taxonomy: Taxon
         d_upper = taxonomy.depths[upper]
         ok &= anc[lower, np.minimum(d_upper, anc.shape[1] - 1)] == upper
     return float(ok.mean())
+
+
+__all__ = ["macro_f1", "log_loss", "level_matrices", "per_level_metrics", "classification_metrics",
+           "lineage_consistency"]

@@ -4,12 +4,13 @@ metrics.json and the columns of predictions.csv, for any decision rule. Numpy on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
-from taxonomist.decide import (apply_temperature, coverage_risk_curve, decide, expected_calibration_error,
-                               ood_metrics, softmax, threshold_for_tpr, threshold_metrics)
+from taxonomist.decide import (DecisionOptions, answer, apply_temperature, coverage_risk_curve,
+                               expected_calibration_error, ood_metrics, softmax, threshold_for_tpr, threshold_metrics)
+from taxonomist.decide.answer import AUTO_METRIC
 from taxonomist.errors import DataError
 from taxonomist.evaluate.answers import answer_metrics, level_predictions, level_probability_chunks, per_label_table
 from taxonomist.evaluate.curves import (downsample_curve, finite_or_none, one_vs_rest_roc, reliability_bins,
@@ -37,18 +38,19 @@ class OutputsEvaluation:
 
 
 def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy, metric: str,
-                     temperature: float = 1.0, decision: str = "argmax", candidates: Sequence[str] | None = None,
-                     thresholds: Mapping | float | None = None, rank_logits: Mapping[str, np.ndarray] | None = None,
+                     temperature: float = 1.0, options: DecisionOptions | None = None,
+                     rank_logits: Mapping[str, np.ndarray] | None = None,
                      ood_scores: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                     ood_thresholds: Mapping[str, float] | None = None,
-                     top_k: int | None = None) -> OutputsEvaluation:
+                     ood_thresholds: Mapping[str, float] | None = None) -> OutputsEvaluation:
     """Every figure of an evaluation, computed once from arrays.
 
     Args:
         logits: (N, L) label logits; targets: (N,) true label indices into `taxonomy.labels`.
         metric: the distance (`fathomnet2025` or `lca`).
         temperature: the checkpoint's temperature; probabilities are softmax(logits / temperature).
-        decision, candidates, thresholds: as `taxonomist.decide.decide` takes them.
+        options: the decision (`decide.DecisionOptions`; default argmax), applied by `decide.answer` as predict
+            applies it; with `metric: auto` min-risk minimises `metric`, the distance the answers are scored with.
+            Its OOD fields are not used: the scores below are measured, not turned into fallbacks.
         rank_logits: a multirank head's per-level logits, for the lineage consistency of its predictions.
         ood_scores: per OOD method, (scores of the evaluated examples, scores of the `ood` examples).
         ood_thresholds: per method, the threshold in use (from calibration); a missing one is set at 95 %
@@ -61,6 +63,10 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
     """
     targets = np.asarray(targets, dtype=np.int64)
     labels = list(taxonomy.labels)
+    options = options or DecisionOptions()
+    if options.metric == AUTO_METRIC:
+        options = options.replace(metric=metric)
+    decision = options.decision
     if len(targets) == 0:
         raise DataError("nothing to evaluate: no labelled examples")
     raw = softmax(np.asarray(logits, dtype=np.float64))
@@ -76,7 +82,7 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
     m["decision"] = decision
     m["n_labels"] = len(labels)
 
-    chosen = decide(probs, taxonomy, decision, candidates=candidates, thresholds=thresholds, top_k=top_k)
+    chosen = answer(probs, taxonomy, options)
     answer_cols = np.unique(chosen.nodes)
     d_answers = distance_matrix(taxonomy, metric, labels, [taxonomy.names[i] for i in answer_cols])
     distances = d_answers[targets, np.searchsorted(answer_cols, chosen.nodes)]

@@ -14,14 +14,11 @@ import pandas as pd
 
 from taxonomist.config import Config, load_config
 from taxonomist.data.dataset import ANNOTATIONS, Dataset, read_annotations
+from taxonomist.decide import DEFAULT_OOD_TPR, DecisionOptions
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.evaluate.outputs import evaluate_outputs
 from taxonomist.taxonomy import Taxonomy, write_taxonomy
 from taxonomist.utils.files import atomic_path
-
-#: The OOD threshold in use when a checkpoint's calibration stores several: the one keeping 95 % of known
-#: validation examples, as `taxonomist predict` uses by default.
-OOD_KNOWN_TPR = 0.95
 
 
 @dataclass
@@ -52,7 +49,9 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def _rows_for_split(dataset, run_dir: Path | None, split: str):
+def rows_for_split(dataset, run_dir: Path | None, split: str):
+    """(the rows of `split`, the split's name): the `test` rows fall back to `val` when the dataset has none, and
+    without a split column the validation rows the run held out are made again from its config."""
     frame = dataset.annotations
     if split == "ood":
         raise ConfigError("the ood rows hold taxa the model never learnt; evaluate the test (or val) split — "
@@ -61,7 +60,7 @@ def _rows_for_split(dataset, run_dir: Path | None, split: str):
         return frame[frame["split"] == split], split
     if split in ("test", "val"):
         # no such split column values: recreate the validation rows the training run held out
-        from taxonomist.train.loop import split_rows
+        from taxonomist.data.split import split_rows
         cfg_file = run_dir / "config.yaml" if run_dir else None
         cfg = load_config(cfg_file if cfg_file and cfg_file.is_file() else None)
         if "split" in frame.columns and split == "test" and "val" in set(frame["split"]):
@@ -80,22 +79,6 @@ def _open_dataset(root: str | Path, taxonomy: Taxonomy) -> Dataset:
     return Dataset(root, read_annotations(root / ANNOTATIONS), taxonomy)
 
 
-def _decision_settings(run_cfg: Config | None, taxonomy: Taxonomy, decision, candidates, thresholds):
-    """The rule, candidate names and thresholds: the arguments, else the run's `decide` config."""
-    from taxonomist.decide import DECISIONS, candidate_nodes
-    from taxonomist.taxonomy import suggest
-    dcfg = run_cfg.decide if run_cfg is not None else Config().decide
-    rule = decision or dcfg.decision or "argmax"
-    if rule not in DECISIONS:
-        raise ConfigError(f"unknown decision {rule!r}{suggest(str(rule), DECISIONS)}; "
-                          f"choose one of {', '.join(DECISIONS)}")
-    spec = dcfg.candidates if candidates is None else candidates
-    names = candidate_nodes(taxonomy, spec) if spec else None
-    if thresholds is None and rule == "backoff" and taxonomy.has_ranks:
-        thresholds = dict(dcfg.thresholds)  # per rank; an unranked tree keeps the per-depth defaults
-    return rule, (str(spec) if spec else ""), names, thresholds
-
-
 def _checkpoint_ood(ckpt: Path) -> tuple[dict, dict, str | None]:
     """(scorers, thresholds in use, note) from the checkpoint's calibration, or a note saying why none."""
     try:
@@ -106,7 +89,7 @@ def _checkpoint_ood(ckpt: Path) -> tuple[dict, dict, str | None]:
     if not scorers:
         return {}, {}, (f"OOD not evaluated: {ckpt.name} has no fitted OOD scorers "
                         f"(no {ckpt.stem}.ood.safetensors; calibrate the checkpoint first)")
-    return scorers, {m: ood_threshold(ckpt, m, OOD_KNOWN_TPR) for m in scorers}, None
+    return scorers, {m: ood_threshold(ckpt, m, DEFAULT_OOD_TPR) for m in scorers}, None
 
 
 def predictions_frame(rows: pd.DataFrame, indices, columns: dict, notes: list[str]) -> pd.DataFrame:
@@ -191,20 +174,30 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                  ood_scorers: Mapping | None = None, model_ood: Sequence[str] = (),
                  model_ood_options: Mapping[str, dict] | None = None,
                  ensemble: Sequence[str | Path] = (), trust_code: bool = False,
-                 top_k: int | None = None) -> Evaluation:
-    """Run the checkpoint over `split` of the dataset and write metrics.json + predictions.csv into `out`
-    (default: the run directory). `split` falls back to the validation rows when the dataset has no test split.
+                 top_k: int | None = None, tta=None, tta_mode: str | None = None,
+                 options: DecisionOptions | None = None) -> Evaluation:
+    """Run a model — a run directory (its best checkpoint), a checkpoint or an exported `.onnx` file — over `split`
+    of the dataset and write metrics.json + predictions.csv into `out` (default: the run directory, else the
+    model's folder). `split` falls back to the validation rows when the dataset has no test split.
 
     Args:
-        decision, candidates, thresholds: the decision rule (`argmax`, `min-risk`, `backoff`, `selective`,
-            `rollup`, `common-ancestor`), its candidate set (`candidate_nodes` spec) and thresholds; default: the
-            run's `decide` config. top_k: rollup's and common-ancestor's number of labels that count.
-        ood_scorers: fitted `OODScorer`s by method; default: those stored beside the checkpoint
+        options: how the answers are decided (`decide.DecisionOptions`: rule, candidates, thresholds, top-k, TTA);
+            default: the run's `decide` config (`DecisionOptions.from_config`). Its OOD fields are not used:
+            every OOD score the model has is evaluated (below).
+        decision, candidates, thresholds, top_k, tta, tta_mode: single options given in place of those of
+            `options` (or of the run's config): the rule (`argmax`, `min-risk`, `backoff`, `selective`, `rollup`,
+            `common-ancestor`), its candidate set (`candidate_nodes` spec), thresholds, rollup's and
+            common-ancestor's number of labels, and test-time augmentation as `predict --tta` applies it (a spec
+            such as `rot2+flip` or `d4`, True for `DEFAULT_TTA`: the views' calibrated probabilities merged per
+            image, on the evaluated split and the `ood` rows; OOD scores read the views' mean features and raw
+            logits).
+        ood_scorers: fitted `OODScorer`s by method; default: those stored beside the model
             (`best.ood.safetensors`). With scorers and `ood` rows in the dataset, metrics.json gets `ood`.
-        model_ood: OOD scores that need the model (`odin`, `mc-dropout`; `inference.ood_model`), computed on the
-            split and the `ood` rows; options per method in `model_ood_options` (e.g. `{"odin": {"epsilon":
-            0.002}}`). Their threshold keeps 95 % of the dataset's `val` rows when it has some.
-        ensemble: further checkpoints with the same labels: `ood.ensemble` scores each example by the members'
+        model_ood: OOD scores that need the model (`odin`, `mc-dropout`; `inference.ood_model`; PyTorch
+            checkpoints only), computed on the split and the `ood` rows; options per method in
+            `model_ood_options` (e.g. `{"odin": {"epsilon": 0.002}}`). Their threshold keeps 95 % of the
+            dataset's `val` rows when it has some.
+        ensemble: further models with the same labels: `ood.ensemble` scores each example by the members'
             disagreement (`decide.ensemble_disagreement`, mutual information, each member at its temperature).
         trust_code: load checkpoints whose backbone imports or fetches code (`module:`, `open_clip:hf-hub:`);
             refused without it.
@@ -212,17 +205,33 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     The files replace an earlier evaluation in `out` as a set (`write_evaluation`). `out` may not hold the files
     evaluate reads (the dataset folder, a model file, the candidates file): refused before the model runs.
     """
+    from taxonomist.inference.forward import run_inference
+    from taxonomist.inference.model_file import is_onnx, load_model, read_card, resolve_model
     from taxonomist.inference.ood_model import check_model_ood
     from taxonomist.inference.run_model import rows_loader
-    from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from taxonomist.train.inference import run_inference
-    from taxonomist.train.loop import configure_threads, select_device
+    from taxonomist.inference.tta import run_inference_tta, views_for
+    from taxonomist.runtime import configure_threads, select_device
 
-    ckpt = resolve_checkpoint(run_or_checkpoint)
+    ckpt = resolve_model(run_or_checkpoint)
     check_model_ood(model_ood)  # before minutes of inference, not after
+    if model_ood and is_onnx(ckpt):
+        raise ConfigError(f"{ckpt}: --model-ood {' '.join(model_ood)} runs the PyTorch model again; an exported "
+                          "ONNX model cannot: give its .safetensors checkpoint")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     cfg_file = run_dir / "config.yaml" if run_dir else None
     run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
+    card = read_card(ckpt)
+    given = dict(decision=decision, candidates=candidates, thresholds=thresholds, top_k=top_k, tta=tta,
+                 tta_mode=tta_mode)
+    if options is None:
+        dcfg = run_cfg.decide if run_cfg is not None else Config().decide
+        options = DecisionOptions.from_config(dcfg, card.taxonomy.has_ranks, **given)
+    elif any(v is not None for v in given.values()):
+        options = options.replace(**{k: v for k, v in given.items() if v is not None})
+    tta_views = views_for(options.tta)
+    if tta_views and (model_ood or ensemble):
+        raise ConfigError("--tta cannot be combined with --model-ood or --ensemble: those scores run the model "
+                          "on one view; evaluate them without --tta")
     dev = select_device(device)
     configure_threads(0, dev, num_workers)
     if data is None:
@@ -230,11 +239,12 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             raise DataError("no dataset given: pass --data DATASET")
         data = run_cfg.data.root
     out_dir = Path(out) if out else (run_dir or ckpt.parent)
-    _refuse_out_over_inputs(out_dir, data, [ckpt, *ensemble], candidates)
-    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev), trust_code=trust_code)
-    rule, spec, cand_names, thr = _decision_settings(run_cfg, taxonomy, decision, candidates, thresholds)
+    _refuse_out_over_inputs(out_dir, data, [ckpt, *ensemble], options.candidates)
+    model, card, taxonomy = load_model(ckpt, device=str(dev), trust_code=trust_code)
+    spec = candidates_text(options.candidates)
+    options = options.resolve(taxonomy, model_metric=card.metric)
     dataset = _open_dataset(data, taxonomy)
-    rows, used_split = _rows_for_split(dataset, run_dir, split)
+    rows, used_split = rows_for_split(dataset, run_dir, split)
     rows = rows[rows["label"] != ""]
     unknown = sorted(set(rows["label"]) - set(taxonomy.labels))
     if unknown:
@@ -243,18 +253,23 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     if rows.empty:
         raise DataError(f"{dataset.root}: no labelled rows in the {used_split} split")
 
-    labels = list(taxonomy.labels)
-    label_index = {lab: i for i, lab in enumerate(labels)}
+    label_index = card.label_index
 
     def infer(subset: pd.DataFrame, desc: str, allow_unknown: bool = False, runner=None, member=None):
-        mod, mmeta = member or (model, meta)
-        _, loader = rows_loader(mmeta, dataset, subset, label_index, batch_size, num_workers, allow_unknown)
+        mod, mcard = member or (model, card)
+        _, loader = rows_loader(mcard, dataset, subset, label_index, batch_size, num_workers, allow_unknown)
         try:
             if runner is not None:
                 return runner(mod, loader)
+            if tta_views:  # logits = log of the merged calibrated probabilities; raw ones in mean_logits
+                return run_inference_tta(mod, loader, dev, tta_views, mode=options.tta_mode,
+                                         temperature=card.temperature, progress=progress, desc=f"{desc} (TTA)")
             return run_inference(mod, loader, dev, progress=progress, desc=desc)
         finally:
             loader.close()
+
+    def raw_logits(result):
+        return getattr(result, "mean_logits", None) if tta_views else result.logits
 
     res = infer(rows, "evaluate")
     notes = []
@@ -271,34 +286,43 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                 notes.append(note)
         if ood_scorers:
             unk = infer(ood_rows, "evaluate ood", allow_unknown=True)
-            ood_scores = {method: (scorer.score(res.features, res.logits), scorer.score(unk.features, unk.logits))
+            ood_scores = {method: (scorer.score(res.features, raw_logits(res)),
+                                   scorer.score(unk.features, raw_logits(unk)))
                           for method, scorer in ood_scorers.items()}
         if model_ood or ensemble:
-            extra, extra_thr, stored = _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split,
+            extra, extra_thr, stored = _model_ood(infer, ckpt, model, card, dataset, rows, ood_rows, used_split,
                                                   model_ood, model_ood_options or {}, ensemble, res, dev, progress,
                                                   trust_code)
             ood_scores = {**(ood_scores or {}), **extra}
             ood_thr = {**ood_thr, **extra_thr}
             stored_thr |= stored
 
-    temperature = float(meta.get("temperature", 1.0))
-    metric = meta.get("metric", "lca")
-    result = evaluate_outputs(res.logits, res.targets, taxonomy, metric, temperature=temperature, decision=rule,
-                              candidates=cand_names, thresholds=thr, rank_logits=res.rank_logits,
-                              ood_scores=ood_scores, ood_thresholds=ood_thr, top_k=top_k)
+    # with TTA the temperature was applied to every view before merging
+    result = evaluate_outputs(res.logits, res.targets, taxonomy, card.distance_metric,
+                              temperature=1.0 if tta_views else card.temperature, options=options,
+                              rank_logits=res.rank_logits, ood_scores=ood_scores, ood_thresholds=ood_thr)
     m = result.metrics
     for method in set(m.get("ood") or {}) & set(ood_thr) - set(ood_scorers or {}):
         m["ood"][method]["threshold_source"] = ("stored at calibration" if method in stored_thr else
-                                                f"{OOD_KNOWN_TPR:.0%} of the val rows kept")
-    m.update(split=used_split, candidates=spec, thresholds=thr, top_k=top_k, checkpoint=str(ckpt.resolve()),
+                                                f"{DEFAULT_OOD_TPR:.0%} of the val rows kept")
+    m.update(split=used_split, candidates=spec, thresholds=options.thresholds,
+             top_k=options.top_k, checkpoint=str(ckpt.resolve()),
+             tta=[v.name for v in tta_views] if tta_views else None, tta_mode=options.tta_mode if tta_views else None,
              run_dir=str(run_dir.resolve()) if run_dir else None, data=str(Path(data).resolve()),
-             taxonomy_hash=taxonomy.hash, epoch=meta.get("epoch"), group_level=_group_level(taxonomy))
+             taxonomy_hash=taxonomy.hash, epoch=card.epoch, group_level=_group_level(taxonomy))
     m["notes"] = notes + m["notes"]
     frame = predictions_frame(rows, res.indices, result.columns, m["notes"])
     # the report reads lineages from the evaluation folder, which need not be a run directory
     own_taxonomy = run_dir is None or out_dir.resolve() != run_dir.resolve()
     write_evaluation(out_dir, frame, m, taxonomy if own_taxonomy else None)
     return Evaluation(m, frame, out_dir, used_split, res)
+
+
+def candidates_text(candidates) -> str:
+    """The candidate set as metrics.json names it: the spec (a word, a file, a list), "" for the rule's default."""
+    if not candidates:
+        return ""
+    return candidates if isinstance(candidates, str) else str(list(candidates))
 
 
 def _refuse_out_over_inputs(out_dir: Path, data, models: Sequence, candidates) -> None:
@@ -322,7 +346,7 @@ def _refuse_out_over_inputs(out_dir: Path, data, models: Sequence, candidates) -
         refuse_output_over_inputs(out_dir / name, inputs, option=f"--out {out_dir}: its")
 
 
-def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,
+def _model_ood(infer, ckpt, model, card, dataset, rows, ood_rows, used_split, methods, options, ensemble, res, dev,
                progress, trust_code: bool = False) -> tuple[dict, dict, set]:
     """Scores of the model-side OOD methods and of ensemble disagreement on (known rows, ood rows), their
     thresholds, and the methods whose threshold is the checkpoint's own.
@@ -335,13 +359,14 @@ def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, me
     from taxonomist.decide import ensemble_disagreement
     from taxonomist.inference.calibrate import known_threshold, model_ood_options, ood_threshold
     from taxonomist.inference.ood_model import model_ood_scores
-    from taxonomist.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from taxonomist.inference.model_file import load_model
+    from taxonomist.inference.run_model import input_settings
 
     val_rows = rows.iloc[:0]
     if used_split != "val" and "split" in dataset.annotations.columns:
         val_rows = dataset.annotations[dataset.annotations["split"] == "val"]
-    temperature = float(meta.get("temperature", 1.0))
-    std = meta["preprocessing"]["std"]
+    temperature = card.temperature
+    std = input_settings(card)[1].std
     scores, thresholds, stored = {}, {}, set()
     for method in dict.fromkeys(methods):
         calibrated = model_ood_options(ckpt, method) if options.get(method) is None else None
@@ -353,20 +378,19 @@ def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, me
         unknown = infer(ood_rows, method, allow_unknown=True, runner=runner).scores
         scores[method] = (known, unknown)
         if calibrated is not None:
-            thresholds[method] = ood_threshold(ckpt, method, OOD_KNOWN_TPR)
+            thresholds[method] = ood_threshold(ckpt, method, DEFAULT_OOD_TPR)
             stored.add(method)
         elif not val_rows.empty:
-            thresholds[method] = known_threshold(infer(val_rows, method, runner=runner).scores, OOD_KNOWN_TPR)
+            thresholds[method] = known_threshold(infer(val_rows, method, runner=runner).scores, DEFAULT_OOD_TPR)
     if ensemble:
-        labels = list(meta["labels"])
+        labels = list(card.labels)
         members = []
         for path in ensemble:
-            ckpt = resolve_checkpoint(path)
-            mod, mmeta, _ = load_checkpoint(ckpt, device=str(dev), trust_code=trust_code)
-            if list(mmeta["labels"]) != labels:
-                raise ConfigError(f"{ckpt}: an ensemble member must have the evaluated model's labels in the same "
-                                  f"order ({len(mmeta['labels'])} labels vs {len(labels)})")
-            members.append((mod, mmeta))
+            mod, mcard, _ = load_model(path, device=str(dev), trust_code=trust_code)
+            if list(mcard.labels) != labels:
+                raise ConfigError(f"{path}: an ensemble member must have the evaluated model's labels in the same "
+                                  f"order ({len(mcard.labels)} labels vs {len(labels)})")
+            members.append((mod, mcard))
         subsets = {"known": rows, "unknown": ood_rows, "val": val_rows}
         base = {"known": res, "unknown": infer(ood_rows, "ensemble", allow_unknown=True)}
         if not val_rows.empty:
@@ -374,16 +398,16 @@ def _model_ood(infer, ckpt, model, meta, dataset, rows, ood_rows, used_split, me
         out = {}
         for key, first in base.items():
             logits, temps = [first.logits], [temperature]
-            for mod, mmeta in members:
-                r = infer(subsets[key], "ensemble", allow_unknown=key == "unknown", member=(mod, mmeta))
+            for mod, mcard in members:
+                r = infer(subsets[key], "ensemble", allow_unknown=key == "unknown", member=(mod, mcard))
                 if not np.array_equal(r.indices, first.indices):
                     raise DataError(f"{dataset.root}: ensemble members read different images of the {key} rows")
                 logits.append(r.logits)
-                temps.append(float(mmeta.get("temperature", 1.0)))
+                temps.append(mcard.temperature)
             out[key] = ensemble_disagreement(logits, temps)
         scores["ensemble"] = (out["known"], out["unknown"])
         if "val" in out:
-            thresholds["ensemble"] = known_threshold(out["val"], OOD_KNOWN_TPR)
+            thresholds["ensemble"] = known_threshold(out["val"], DEFAULT_OOD_TPR)
     return scores, thresholds, stored
 
 

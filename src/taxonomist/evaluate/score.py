@@ -152,6 +152,11 @@ def score_submission(solution: str | Path, submission: str | Path, taxonomy: Tax
     unknown = [f"row {ln}: {n!r}{suggest(n, labels)}" for ln, n in zip(sub.lines, sub.names) if n not in labels]
     if unknown and not allow_unknown:
         problems.append(f"{submission}: {len(unknown)} concept_name(s) are not accepted labels: {_listed(unknown)}")
+    if len(bad_truth) > len(sol.ids) // 2 or (not allow_unknown and len(unknown) > len(sub.ids) // 2):
+        # most names unknown (not a typo here and there): the taxonomy is the wrong one
+        problems.append(f"{solution}: the names are not those of this taxonomy ({len(labels)} labels, e.g. "
+                        f"{_listed(sorted(labels)[:3])}); score them with the taxonomy they come from: "
+                        "--taxonomy TAXONOMY_CSV, e.g. the dataset's taxonomy.csv (the default is fathomnet2025)")
     if problems:
         raise SubmissionError(problems)
 

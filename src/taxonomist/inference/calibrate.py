@@ -4,8 +4,7 @@ Writes `FILE.ood.safetensors` beside the checkpoint and adds `temperature`, `cal
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import math
 import shutil
 import time
@@ -17,12 +16,14 @@ import numpy as np
 
 from taxonomist.config import Config, load_config
 from taxonomist.data.dataset import load_dataset
-from taxonomist.decide import (OOD_METHODS, OODScorer, apply_temperature, build_ood_scorer, expected_calibration_error,
-                               load_ood_scorer)
+from taxonomist.card import CalibrationInfo, ModelCard, OODInfo
+from taxonomist.decide import (OOD_METHODS, OODScorer, apply_temperature, build_ood_scorer, check_tpr,
+                               expected_calibration_error, load_ood_scorer)
 from taxonomist.errors import ConfigError, DataError, ModelError
+from taxonomist.inference.model_file import ood_path
 from taxonomist.taxonomy import suggest
-from taxonomist.train.checkpoint import metadata_path, read_metadata, resolve_checkpoint
-from taxonomist.utils.files import atomic_path, atomic_write_text
+from taxonomist.models.checkpoint import metadata_path, read_card, resolve_checkpoint, write_card
+from taxonomist.utils.files import atomic_path, file_sha256
 
 #: Known-data TPRs whose thresholds are stored in the metadata; other values are computed from the stored scores.
 TPR_LEVELS = (0.8, 0.85, 0.9, 0.95, 0.975, 0.99)
@@ -68,12 +69,6 @@ class Calibration:
         return line + how
 
 
-def ood_path(checkpoint: str | Path) -> Path:
-    """`best.safetensors` → `best.ood.safetensors` (also `model.onnx` → `model.ood.safetensors`)."""
-    p = Path(checkpoint)
-    return p.with_name(p.stem + ".ood.safetensors")
-
-
 def known_threshold(known_scores: np.ndarray, tpr: float) -> float:
     """The lowest threshold t that keeps at least `tpr` of the known examples (kept = score < t).
 
@@ -93,13 +88,6 @@ def known_threshold(known_scores: np.ndarray, tpr: float) -> float:
     return float(np.nextafter(s[k - 1], np.inf))
 
 
-def check_tpr(tpr: float) -> float:
-    """`tpr` as a float in (0, 1], or a ConfigError."""
-    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.floating, np.integer)) or not 0 < tpr <= 1:
-        raise ConfigError(f"the OOD TPR must lie in (0, 1], got {tpr!r}")
-    return float(tpr)
-
-
 def _tpr_key(tpr: float) -> str:
     return f"{float(tpr):g}"
 
@@ -113,12 +101,6 @@ def _methods(ood_methods: Sequence[str] | None) -> list[str]:
     return methods
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _run_config(ckpt: Path, data: str | Path | None) -> Config:
@@ -139,7 +121,7 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
                          model_ood_options: Mapping[str, dict] | None = None) -> Calibration:
     """Fit the temperature and the OOD scorers of one checkpoint (a run directory means its best checkpoint).
 
-    1. Rebuild the run's train/val rows (`train.loop.split_rows` with the run's config.yaml; `data` overrides
+    1. Rebuild the run's train/val rows (`data.split.split_rows` with the run's config.yaml; `data` overrides
        its dataset directory).
     2. Run the model over the val rows (eval transforms): fit the temperature (`decide.fit_temperature`) and
        measure the top-1 ECE before and after it.
@@ -154,8 +136,9 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
        sorted scores and thresholds are stored like the others, and `ood.model_methods` records the options,
        so that `predict --ood odin` scores new images exactly as the threshold was fitted.
     """
-    from taxonomist.train.checkpoint import load_checkpoint
-    from taxonomist.train.loop import configure_threads, select_device, split_rows
+    from taxonomist.inference.model_file import load_model
+    from taxonomist.data.split import split_rows
+    from taxonomist.runtime import configure_threads, select_device
     from taxonomist.inference.run_model import infer_rows
 
     start = time.time()
@@ -167,20 +150,19 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     cfg = _run_config(ckpt, data)
     dev = select_device(device)
     configure_threads(0, dev, num_workers)
-    model, meta, taxonomy = load_checkpoint(ckpt, device=str(dev))
-    labels = list(meta["labels"])
-    label_index = {lab: i for i, lab in enumerate(labels)}
+    model, card, taxonomy = load_model(ckpt, device=str(dev))
+    label_index = card.label_index
     dataset = load_dataset(cfg.data.root, taxonomy)
     train_rows, val_rows = split_rows(dataset, cfg)
     if val_rows.empty:
         raise DataError(f"{dataset.root}: no validation rows to fit the temperature on")
     common = dict(device=dev, label_index=label_index, batch_size=batch_size, num_workers=num_workers,
                   progress=progress)
-    val = infer_rows(model, meta, dataset, val_rows, desc="calibrate (val)", **common).result
+    val = infer_rows(model, card, dataset, val_rows, desc="calibrate (val)", **common).result
     if len(val.targets) == 0:
         raise DataError(f"{dataset.root}: every validation image was unreadable")
     objective = cfg.decide.temperature
-    temperature = _fit_temperature(val.logits, val.targets, objective, taxonomy, cfg, meta)
+    temperature = _fit_temperature(val.logits, val.targets, objective, taxonomy, cfg, card)
     ece, nll = {}, {}
     for key, t in (("before", 1.0), ("after", temperature)):
         p = apply_temperature(val.logits.astype(np.float64), t)
@@ -191,7 +173,7 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     tensors: dict[str, np.ndarray] = {}
     ood_file, n_train = None, 0
     if methods:
-        train = infer_rows(model, meta, dataset, train_rows, desc="calibrate (train features)", **common).result
+        train = infer_rows(model, card, dataset, train_rows, desc="calibrate (train features)", **common).result
         n_train = len(train.targets)
         if n_train == 0:
             raise DataError(f"{dataset.root}: every training image was unreadable")
@@ -209,7 +191,7 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
     for method, options in extra_methods.items():
         from taxonomist.inference.ood_model import model_ood_rows
 
-        result = model_ood_rows(method, model, meta, dataset, val_rows, dev, label_index, options, temperature,
+        result = model_ood_rows(method, model, card, dataset, val_rows, dev, label_index, options, temperature,
                                 batch_size, num_workers, progress=progress)
         val_scores = np.sort(result.scores)
         tensors[f"{method}/{VAL_SCORES_KEY}"] = val_scores.astype(np.float64)
@@ -220,20 +202,16 @@ def calibrate_checkpoint(checkpoint_or_run: str | Path, data: str | Path | None 
         ood_file = ood_path(ckpt)
         _save_ood(ood_file, tensors, stored, ckpt.name)
 
-    meta = read_metadata(ckpt)  # re-read: write back exactly what is on disk plus the new keys
-    meta["temperature"] = float(temperature)
-    meta["calibration"] = {"ece_before": float(ece["before"]), "ece_after": float(ece["after"]),
-                           "nll_before": nll["before"], "nll_after": nll["after"], "objective": objective,
-                           "n_val": len(val.targets)}
+    card = read_card(ckpt)  # re-read: write back what is on disk plus the calibration
+    ood = None
     if stored:
-        meta["ood"] = {"file": ood_file.name, "methods": methods, "n_train": n_train, "n_val": len(val.targets),
-                       "flag": "score >= threshold; thresholds[method][tpr] keeps at least tpr of the known "
-                               "validation examples below it", "thresholds": thresholds}
-        if model_options:
-            meta["ood"]["model_methods"] = model_options
-    else:
-        meta.pop("ood", None)
-    atomic_write_text(metadata_path(ckpt), json.dumps(meta, indent=1))
+        ood = OODInfo(ood_file.name, tuple(methods), n_train, len(val.targets),
+                      "score >= threshold; thresholds[method][tpr] keeps at least tpr of the known validation "
+                      "examples below it", thresholds, model_options)
+    write_card(ckpt, card.replace(
+        temperature=float(temperature), ood=ood,
+        calibration=CalibrationInfo(float(ece["before"]), float(ece["after"]), nll["before"], nll["after"], objective,
+                                    len(val.targets))))
     if not stored:
         ood_path(ckpt).unlink(missing_ok=True)  # statistics of earlier weights would no longer match
     return Calibration(ckpt, float(temperature), float(ece["before"]), float(ece["after"]), len(val.targets),
@@ -251,17 +229,16 @@ def check_temperature_objective(objective: str) -> str:
 
 
 def _fit_temperature(logits: np.ndarray, targets: np.ndarray, objective: str, taxonomy, cfg: Config,
-                     meta: dict) -> float:
+                     card: ModelCard) -> float:
     """The temperature for `decide.temperature` (`nll`, `node-nll`, `risk` or `none`) on the val rows."""
     from taxonomist.decide import candidate_nodes, fit_temperature_for
-    from taxonomist.taxonomy import default_metric, distance_matrix
+    from taxonomist.taxonomy import distance_matrix
 
     if check_temperature_objective(objective) == "none":
         return 1.0
     distance = None
     if objective == "risk":  # the risk of the rule min-risk will run: over the run's candidates, its metric
-        metric = meta.get("metric", "auto")
-        metric = default_metric(taxonomy) if metric in ("", "auto") else metric
+        metric = card.distance_metric
         spec = cfg.decide.candidates or ("all" if cfg.decide.decision != "min-risk" else None)
         distance = distance_matrix(taxonomy, metric, taxonomy.labels, candidate_nodes(taxonomy, spec))
     return fit_temperature_for(logits, targets, objective, taxonomy=taxonomy, distance_lc=distance)
@@ -281,7 +258,7 @@ def calibrate_run(run_dir: str | Path, data: str | Path | None = None, device: s
     done = [calibrate_checkpoint(best, data, device, ood_methods, batch_size, num_workers, progress, **extra)]
     last = ckpt_dir / "last.safetensors"
     if last.is_file():
-        if _sha256(last) == _sha256(best):
+        if file_sha256(last) == file_sha256(best):
             done.append(_copy_calibration(done[0], last))
         else:
             done.append(calibrate_checkpoint(last, data, device, ood_methods, batch_size, num_workers, progress,
@@ -290,19 +267,15 @@ def calibrate_run(run_dir: str | Path, data: str | Path | None = None, device: s
 
 
 def _copy_calibration(source: Calibration, target: Path) -> Calibration:
-    src_meta, meta = read_metadata(source.checkpoint), read_metadata(target)
-    for key in ("temperature", "calibration", "ood"):
-        if key in src_meta:
-            meta[key] = src_meta[key]
-        else:
-            meta.pop(key, None)
+    src = read_card(source.checkpoint)
+    ood = src.ood
     ood_file = None
     if source.ood_file is not None:
         ood_file = ood_path(target)
         with atomic_path(ood_file) as tmp:
             shutil.copyfile(source.ood_file, tmp)
-        meta["ood"] = {**meta["ood"], "file": ood_file.name}
-    atomic_write_text(metadata_path(target), json.dumps(meta, indent=1))
+        ood = dataclasses.replace(ood, file=ood_file.name)
+    write_card(target, read_card(target).replace(temperature=src.temperature, calibration=src.calibration, ood=ood))
     return Calibration(target, source.temperature, source.ece_before, source.ece_after, source.n_val,
                        source.n_train, ood_file, source.thresholds, 0.0, reused_from=source.checkpoint,
                        model_methods=source.model_methods, objective=source.objective,
@@ -317,19 +290,23 @@ def _save_ood(path: Path, tensors: dict[str, np.ndarray], methods: list[str], ch
                                                "methods": ",".join(methods), "checkpoint": checkpoint_name})
 
 
-def _ood_info(checkpoint: str | Path) -> tuple[Path, dict]:
-    """(OOD file, the metadata's `ood` block) of a checkpoint or exported model, without reading the file's
-    tensors (the kNN bank can be 100 MB); (the model path, {}) when it has none. A named file that is missing
+def _ood_info(checkpoint: str | Path) -> tuple[Path, OODInfo | None]:
+    """(OOD file, the card's `ood` block) of a checkpoint or exported model, without reading the file's
+    tensors (the kNN bank can be 100 MB); (the model path, None) when it has none. A named file that is missing
     is an error."""
-    from taxonomist.inference.model_file import is_onnx, read_model_metadata, resolve_model
+    from taxonomist.inference.model_file import is_onnx, read_card, resolve_model
 
     ckpt = resolve_model(checkpoint)  # a checkpoint, or an exported .onnx with its statistics beside it
-    meta = read_model_metadata(ckpt)
-    info = meta.get("ood")
-    if not info:
-        return ckpt, {}
+    info = read_card(ckpt).ood
+    if info is None:
+        return ckpt, None
     # an exported file's statistics follow its name (DESIGN.md: FILE.ood.safetensors), so renaming both works
-    path = ood_path(ckpt) if is_onnx(ckpt) else ckpt.parent / info.get("file", ood_path(ckpt).name)
+    name = info.file if info.file is not None else ood_path(ckpt).name
+    if not is_onnx(ckpt) and (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")):
+        # the metadata is untrusted data: it may name a file beside the model, never a path elsewhere
+        raise ModelError(f"{ckpt}: its metadata names OOD statistics {name!r} outside the model's folder; "
+                         "expected a file name such as best.ood.safetensors")
+    path = ood_path(ckpt) if is_onnx(ckpt) else ckpt.parent / name
     if not path.is_file():
         fix = ("copy it beside the model or export again" if is_onnx(ckpt)
                else "recalibrate with taxonomist.inference.calibrate_run")
@@ -338,10 +315,10 @@ def _ood_info(checkpoint: str | Path) -> tuple[Path, dict]:
     return path, info
 
 
-def _read_ood(checkpoint: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
+def _read_ood(checkpoint: str | Path) -> tuple[Path, OODInfo | None, dict[str, np.ndarray]]:
     path, info = _ood_info(checkpoint)
-    if not info:
-        return path, {}, {}
+    if info is None:
+        return path, None, {}
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
@@ -355,7 +332,7 @@ def load_ood_scorers(checkpoint: str | Path) -> dict[str, OODScorer]:
     """The fitted OOD scorers stored beside a checkpoint, by method; an empty dict when it has none."""
     path, info, tensors = _read_ood(checkpoint)
     scorers = {}
-    for method in info.get("methods", []):
+    for method in info.methods if info is not None else ():
         prefix = f"{method}/"
         state = {k[len(prefix):]: v for k, v in tensors.items()
                  if k.startswith(prefix) and k != prefix + VAL_SCORES_KEY}
@@ -366,15 +343,10 @@ def load_ood_scorers(checkpoint: str | Path) -> dict[str, OODScorer]:
     return scorers
 
 
-def stored_ood_methods(info: dict) -> list[str]:
-    """The OOD methods a checkpoint's `ood` metadata holds thresholds for: fitted scorers, then model scores."""
-    return list(info.get("methods", [])) + list(info.get("model_methods", {}))
-
-
 def model_ood_options(checkpoint: str | Path, method: str) -> dict | None:
     """The options a model OOD score (`odin`, `mc-dropout`) was calibrated with, or None when it was not."""
     _, info = _ood_info(checkpoint)
-    options = info.get("model_methods", {}).get(method)
+    options = info.model_methods.get(method) if info is not None else None
     return None if options is None else dict(options)
 
 
@@ -382,13 +354,13 @@ def ood_threshold(checkpoint: str | Path, method: str, tpr: float) -> float:
     """The `--ood-tpr` threshold of `method` for a checkpoint: the stored one, else computed from the stored
     sorted validation scores (`known_threshold`)."""
     path, info, tensors = _read_ood(checkpoint)
-    if not info:
+    if info is None:
         raise ModelError(f"{checkpoint}: the checkpoint has no OOD statistics; calibrate it first "
                          "(taxonomist train does so unless --no-calibrate)")
-    known = stored_ood_methods(info)
+    known = info.stored_methods
     if method not in known:
         raise ConfigError(f"{path}: no {method!r} OOD statistics (stored: {', '.join(known) or 'none'})")
-    stored = info.get("thresholds", {}).get(method, {})
+    stored = (info.thresholds or {}).get(method, {})
     if _tpr_key(check_tpr(tpr)) in stored:
         return float(stored[_tpr_key(tpr)])
     scores = tensors.get(f"{method}/{VAL_SCORES_KEY}")

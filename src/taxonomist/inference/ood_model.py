@@ -9,6 +9,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from taxonomist.card import ModelCard
+from taxonomist.decide.ood import MODEL_OOD_METHODS
 from taxonomist.errors import ConfigError, ModelError
 
 #: ODIN's defaults (Liang et al. 2018, tuned on CIFAR there): T = 1000, ε = 0.0014 in [0, 1] pixel units.
@@ -16,8 +18,6 @@ ODIN_TEMPERATURE = 1000.0
 ODIN_EPSILON = 0.0014
 #: Stochastic passes of MC-dropout (Gal & Ghahramani 2016 use 10–100; 10 is the usual cheap setting).
 MC_PASSES = 10
-#: The scores `evaluate_run(model_ood=…)` computes from the model; each needs the model, not only its outputs.
-MODEL_OOD_METHODS = ("odin", "mc-dropout")
 
 
 def check_model_ood(model_ood: Sequence[str], options: Mapping[str, dict] | None = None) -> dict[str, dict]:
@@ -267,22 +267,23 @@ def model_ood_scores(method: str, model, loader, device, temperature: float = 1.
     raise AssertionError(method)
 
 
-def model_ood_rows(method: str, model, meta: dict, dataset, rows, device, label_index: dict[str, int],
+def model_ood_rows(method: str, model, card: ModelCard, dataset, rows, device, label_index: dict[str, int],
                    options: dict | None = None, temperature: float | None = None, batch_size: int = 64,
                    num_workers: int = -1, allow_unknown: bool = False, strict: bool = False,
                    path_column: str | None = None, progress: bool = False) -> ModelOODResult:
-    """`model_ood_scores` over dataset rows, read as the checkpoint `meta` prescribes (`run_model.rows_loader`).
+    """`model_ood_scores` over dataset rows, read as the model's card prescribes (`run_model.rows_loader`).
 
-    `temperature` defaults to the checkpoint's; `result.indices` are positions in `rows` (unreadable ones absent).
+    `temperature` defaults to the card's; `result.indices` are positions in `rows` (unreadable ones absent).
     """
-    from taxonomist.inference.run_model import rows_loader
+    from taxonomist.inference.run_model import input_settings, rows_loader
 
     check_torch_model(model, method)
-    t = float(meta.get("temperature", 1.0)) if temperature is None else float(temperature)
-    _, loader = rows_loader(meta, dataset, rows, label_index, batch_size, num_workers, allow_unknown, strict,
+    t = card.temperature if temperature is None else float(temperature)
+    _, pre, _, _ = input_settings(card)
+    _, loader = rows_loader(card, dataset, rows, label_index, batch_size, num_workers, allow_unknown, strict,
                             path_column)
     try:
-        return model_ood_scores(method, model, loader, device, t, meta["preprocessing"]["std"], options, progress)
+        return model_ood_scores(method, model, loader, device, t, pre.std, options, progress)
     finally:
         loader.close()
 

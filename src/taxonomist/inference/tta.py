@@ -14,7 +14,7 @@ import numpy as np
 from taxonomist.decide import VIEW_MODES, aggregate_views
 from taxonomist.errors import ConfigError
 from taxonomist.taxonomy import suggest
-from taxonomist.train.inference import InferenceResult
+from taxonomist.inference.forward import InferenceResult
 
 #: What `predict --tta` means without a spec: identity, h-flip, v-flip and the 180° turn — the FathomNet 2nd
 #: place's 2-view rotation (`rot2`) plus both flips. Four forward passes, half the cost of `d4`; organisms in
@@ -124,6 +124,25 @@ def parse_tta(spec: str | None) -> list[View]:
                                          View(1, True), View(3, True)))}
     return sorted(views, key=lambda v: (v.scale != 1.0, -v.scale if v.scale != 1.0 else 0.0,
                                          order[View(v.turns, v.flip)]))
+
+
+def views_for(tta) -> list[View] | None:
+    """The views a `tta` option asks for: None/False = none, True = `DEFAULT_TTA`, a spec for `parse_tta`, or
+    a list of `View`s (checked).
+
+    >>> views_for(None), [v.name for v in views_for("rot2")]
+    (None, ['identity', 'rot180'])
+    """
+    if tta is None or tta is False:
+        return None
+    if tta is True:
+        return parse_tta(None)
+    if isinstance(tta, str):
+        return parse_tta(tta)
+    views = list(tta)
+    if not views or not all(isinstance(v, View) for v in views):
+        raise ConfigError("tta must be True, a spec such as 'rot2+flip', or a list of View objects")
+    return views
 
 
 def _parse_scales(text: str, spec: str) -> list[float]:

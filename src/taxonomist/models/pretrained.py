@@ -308,11 +308,18 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = before
 
 
-def create_timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
+#: what a failed download tells the user to do, for the config key (`train`, `evaluate`, …)
+PRETRAINED_ADVICE = "pass model.pretrained=PATH or model.pretrained=none"
+#: … and for the command-line flag of `taxonomist baseline stock`
+STOCK_PRETRAINED_ADVICE = "pass --pretrained FILE (the model's weights) or --pretrained none (random weights)"
+
+
+def create_timm_pretrained(name: str, *, advice: str = PRETRAINED_ADVICE, **kwargs: Any) -> nn.Module:
     """`timm.create_model(name, pretrained=True, **kwargs)`, failing fast with `ModelError` when offline.
 
     Weights already in the local cache load without a network. When the weights host cannot be reached,
-    huggingface_hub is switched to cache-only for this call instead of retrying for a minute.
+    huggingface_hub is switched to cache-only for this call instead of retrying for a minute. `advice` ends
+    the error line (the option the caller's user sets).
 
     >>> create_timm_pretrained("convnext_tiny", num_classes=0)   # doctest: +SKIP
     """
@@ -324,24 +331,27 @@ def create_timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
             return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # network, cache, missing pretrained tag: all mean "no weights for you"
         reason = f"{endpoint[0]} unreachable" if offline else (str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise ModelError(f"cannot download weights for {name} ({reason}); "
-                         f"pass model.pretrained=PATH or model.pretrained=none") from None
+        raise ModelError(f"cannot download weights for {name} ({reason}); {advice}") from None
 
 
-def create_timm_auto(name: str, **kwargs: Any) -> tuple[nn.Module, str, dict[str, Any] | None]:
+def create_timm_auto(name: str, *, advice: str = PRETRAINED_ADVICE,
+                     **kwargs: Any) -> tuple[nn.Module, str, dict[str, Any] | None]:
     """timm's pretrained weights, or for `tf_efficientnet_lite0/1/2` the offline ones when the download fails.
 
-    Returns (module, source, preprocessing override or None); source is `timm` or `liteN-offline`.
+    Returns (module, source, preprocessing override or None); source is `timm` or `liteN-offline`. The offline
+    weights are the designed fallback, not a failure: the line that says so is information.
     """
     import timm
     arch = name.split(".")[0]
     try:
-        return create_timm_pretrained(name, **kwargs), "timm", None
+        return create_timm_pretrained(name, advice=advice, **kwargs), "timm", None
     except ModelError as e:
         if arch not in OFFLINE_LITE:
             raise
         why = str(e).split(";")[0].removeprefix(f"cannot download weights for {name} ").strip("()")
-        log.warning("%s: using the ImageNet weights shipped in the %s package (timm's download: %s)",
-                    arch, OFFLINE_LITE[arch][0], why)
+        how = f"offline: {why.removesuffix(' unreachable')} cannot be reached" if why.endswith(" unreachable") \
+            else f"timm's download did not work: {why}"
+        # a WARNING record so that it shows without any logging set up, worded as what it is: information
+        log.warning("%s: using the ImageNet weights shipped in %s (%s)", arch, OFFLINE_LITE[arch][0], how)
     model = timm.create_model(arch, pretrained=False, **kwargs)
     return load_lite_offline(model), f"{arch.removeprefix('tf_efficientnet_')}-offline", dict(LITE0_PREPROCESSING)

@@ -198,7 +198,7 @@ def create_stock_model(spec: str, taxonomy: Taxonomy, class_names=None, pretrain
         if pretrained != "auto":  # timm's own weights keep their head: its size is checked against the names
             kwargs["num_classes"] = len(names)
     if pretrained == "auto":
-        model, _, pre_override = weights.create_timm_auto(name, **kwargs)
+        model, _, pre_override = weights.create_timm_auto(name, advice=weights.STOCK_PRETRAINED_ADVICE, **kwargs)
     else:
         model, pre_override = timm.create_model(name, pretrained=False, **kwargs), None
         if pretrained != "none":

@@ -45,7 +45,13 @@ DECISION_TEXT = {
 }
 
 
-def _num(value, digits: int = 3) -> str:
+def format_number(value, digits: int = 3) -> str:
+    """A number as the reports print it: "–" for none or not finite, integers with thousands separators, floats
+    with `digits` decimals (the sweep report uses it too).
+
+    >>> format_number(None), format_number(12345), format_number(0.12345), format_number(float("nan"))
+    ('–', '12,345', '0.123', '–')
+    """
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, (int, np.integer)):
@@ -69,13 +75,13 @@ def _summary_cards(m: dict) -> list[dict]:
          "Mean negative log probability given to the true label; punishes confident mistakes. Lower is better."),
         ("ECE", m.get("ece"),
          "Expected calibration error of the reported probabilities: the gap between confidence and accuracy "
-         f"(before temperature scaling: {_num(m.get('ece_uncalibrated'))}). Lower is better."),
+         f"(before temperature scaling: {format_number(m.get('ece_uncalibrated'))}). Lower is better."),
     ]
     for method, v in (m.get("ood") or {}).items():
         cards.append((f"OOD AUROC ({method})", v.get("auroc"),
                       "How well the unknown-taxon score separates taxa never seen in training from known ones: "
                       "1 = perfectly, 0.5 = chance."))
-    return [{"label": a, "value": _num(b), "text": c} for a, b, c in cards]
+    return [{"label": a, "value": format_number(b), "text": c} for a, b, c in cards]
 
 
 def _per_rank_rows(run: RunResults) -> list[dict]:
@@ -87,19 +93,21 @@ def _per_rank_rows(run: RunResults) -> list[dict]:
     for level, v in m.get("per_rank", {}).items():
         col = f"label_{level}"
         taxa = int(p.loc[p[col] != "", col].nunique()) if col in p.columns else None
-        rows.append({"level": level, "taxa": _num(taxa) if taxa is not None else "–", "n": _num(v.get("n")),
-                     "top1": _num(v.get("top1")), "top5": _num(v.get("top5")), "macro_f1": _num(v.get("macro_f1")),
-                     "avg_confidence": _num(v.get("avg_confidence")),
-                     "auc": _num((roc.get(level) or {}).get("auc")),
-                     "answers": _num(by_level.get(level)) if by_level else "–"})
+        rows.append({"level": level, "taxa": format_number(taxa) if taxa is not None else "–",
+                     "n": format_number(v.get("n")), "top1": format_number(v.get("top1")),
+                     "top5": format_number(v.get("top5")), "macro_f1": format_number(v.get("macro_f1")),
+                     "avg_confidence": format_number(v.get("avg_confidence")),
+                     "auc": format_number((roc.get(level) or {}).get("auc")),
+                     "answers": format_number(by_level.get(level)) if by_level else "–"})
     return rows
 
 
 def _per_label_rows(m: dict) -> tuple[list[dict], int]:
     table = m.get("per_label") or {}
     items = sorted(table.items(), key=lambda kv: (kv[1]["support"] == 0, kv[1]["f1"], -kv[1]["support"], kv[0]))
-    rows = [{"name": k, "precision": _num(v["precision"]), "recall": _num(v["recall"]), "f1": _num(v["f1"]),
-             "support": _num(int(v["support"]))} for k, v in items[:MAX_PER_LABEL_ROWS]]
+    rows = [{"name": k, "precision": format_number(v["precision"]), "recall": format_number(v["recall"]),
+             "f1": format_number(v["f1"]), "support": format_number(int(v["support"]))}
+            for k, v in items[:MAX_PER_LABEL_ROWS]]
     return rows, len(items)
 
 
@@ -182,8 +190,8 @@ def _data_section(run: RunResults) -> dict:
             order = [s for s in ("train", "val", "test", "ood", "(none)", "(all)") if s in counts.columns]
             counts = counts[order]
             out["counts"] = F.label_counts_figure(counts)
-            out["table"] = [{"split": s, "examples": _num(int(counts[s].sum())), "labels": _num(int((counts[s] > 0).sum()))}
-                            for s in counts.columns]
+            out["table"] = [{"split": s, "examples": format_number(int(counts[s].sum())),
+                             "labels": format_number(int((counts[s] > 0).sum()))} for s in counts.columns]
             out["where"] = "the whole dataset"
     if out["counts"] is None:
         counts = run.predictions["label"].value_counts().to_frame(run.metrics.get("split", "evaluated"))
@@ -227,10 +235,11 @@ def run_view(run: RunResults, critical: Sequence[str] = (), compact: bool = Fals
         "fig_ood": F.ood_roc_figure(curves.get("ood_roc") or {}, m.get("ood") or {}),
         "fig_coverage": F.coverage_risk_figure(curves.get("coverage_risk") or {}, m),
         "fig_training": F.training_figure({run.name: run.history}),
-        "ood": [{"method": k, **{f: _num(v.get(f)) for f in ("auroc", "fpr95", "threshold", "precision", "recall",
-                                                            "f1", "known_flagged", "unknown_missed")},
-                 "source": v.get("threshold_source", ""), "n_known": _num(v.get("n_known")),
-                 "n_unknown": _num(v.get("n_unknown"))} for k, v in (m.get("ood") or {}).items()],
+        "ood": [{"method": k, **{f: format_number(v.get(f))
+                                 for f in ("auroc", "fpr95", "threshold", "precision", "recall", "f1",
+                                           "known_flagged", "unknown_missed")},
+                 "source": v.get("threshold_source", ""), "n_known": format_number(v.get("n_known")),
+                 "n_unknown": format_number(v.get("n_unknown"))} for k, v in (m.get("ood") or {}).items()],
         "mistakes": worst_mistakes(gallery, n_mistakes),
         "recognised": recognised_taxa(gallery, 4 if compact else 8),
         "critical": [critical_taxon(gallery, name, 6 if compact else 12) for name in critical],
@@ -272,7 +281,7 @@ def comparison_table(runs: Sequence[RunResults]) -> list[dict]:
             if delta is not None and abs(delta) < 5e-4:
                 delta = 0.0  # shown as +0.000, neither better nor worse
             good = None if not delta else ((delta < 0) == (better == "lower"))
-            cells.append({"value": _num(v), "delta": "" if delta is None else f"{delta:+.3f}",
+            cells.append({"value": format_number(v), "delta": "" if delta is None else f"{delta:+.3f}",
                           "good": good, "best": v is not None and len(finite) > 1 and v == best})
         rows.append({"key": key, "label": label, "better": better, "cells": cells})
     return rows
@@ -329,7 +338,7 @@ def _environment():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
     env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = _num
+    env.filters["num"] = format_number
     return env
 
 
@@ -371,10 +380,11 @@ def _critical_compare(views: list[dict]) -> list[dict]:
             cells = []
             for v in views:
                 hit = next((r for r in v["critical"][k]["ranks"] if r["level"] == level), None)
-                cells.append(_num(hit["accuracy"]) if hit else "–")
+                cells.append(format_number(hit["accuracy"]) if hit else "–")
             rows.append({"level": level, "cells": cells})
-        rows.append({"level": "recall (found as itself)", "cells": [_num(v["critical"][k]["recall"]) for v in views]})
-        rows.append({"level": "precision", "cells": [_num(v["critical"][k]["precision"]) for v in views]})
+        rows.append({"level": "recall (found as itself)",
+                     "cells": [format_number(v["critical"][k]["recall"]) for v in views]})
+        rows.append({"level": "precision", "cells": [format_number(v["critical"][k]["precision"]) for v in views]})
         out.append({"name": name, "rows": rows})
     return out
 

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from taxonomist.deploy.serve.batcher import BatcherStopped, MicroBatcher
@@ -104,7 +104,7 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
     """The FastAPI app serving `model` (a checkpoint, run directory, `.onnx` file or a loaded `Predictor`).
 
     Args:
-        options: decision rule, candidates, OOD method and device (`ServeOptions`).
+        options: the decision options (rule, candidates, OOD method, …) and the device (`ServeOptions`).
         max_batch: most images per forward pass; `max_wait_ms`: how long a batch that is not full waits.
         max_upload_mb: limit on one request's body (413 above it); `max_files`: images per request.
         token: when set, every request but `/health` and the page's files needs `Authorization: Bearer TOKEN`.
@@ -186,7 +186,7 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
         if not batcher.alive:
             return JSONResponse({"status": "error", "error": batcher.failure or "the batching thread is not running",
                                  "model": predictor.info["model"]}, status_code=503)
-        return {"status": "ok", "model": predictor.info["model"], "decision": predictor.options.decision,
+        return {"status": "ok", "model": predictor.info["model"], "decision": predictor.decision.decision,
                 "auth": token is not None, "inputs": predictor.inputs(), "batching": batcher.stats.as_dict()}
 
     @app.get("/taxonomy", summary="The model's taxonomy: nodes with parent and rank, and its labels")
@@ -434,7 +434,7 @@ def _prepare(predictor: Predictor, job: _Job, max_pixels: int):
 def settings_to_environment(model: str | Path, options: ServeOptions, **app_kwargs) -> str:
     """Serialise what `app_from_environment` needs into the value of `CONFIG_ENV` (the token itself is not
     included: workers read it from the environment variable named by `token_env`)."""
-    return json.dumps({"model": str(model), "options": asdict(options), "app": app_kwargs})
+    return json.dumps({"model": str(model), "options": options.to_dict(), "app": app_kwargs})
 
 
 def app_from_environment():
@@ -448,7 +448,7 @@ def app_from_environment():
     app_kwargs = dict(settings["app"])
     token_env = app_kwargs.pop("token_env", None)
     token = os.environ.get(token_env) if token_env else None
-    return create_app(settings["model"], ServeOptions(**settings["options"]), token=token, **app_kwargs)
+    return create_app(settings["model"], ServeOptions.from_dict(settings["options"]), token=token, **app_kwargs)
 
 
 # ------------------------------------------------------------------------------------------ binding

@@ -14,18 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from taxonomist.decide import (
-    DECISIONS,
-    OOD_METHODS,
-    apply_temperature,
-    candidate_nodes,
-    decide,
-    node_probabilities,
-    ood_fallback,
-)
+from taxonomist.card import ModelCard
+from taxonomist.decide import ENSEMBLE_OOD_METHOD, MODEL_OOD_METHODS, OOD_METHODS, DecisionOptions, answer, \
+    apply_temperature
 from taxonomist.errors import ConfigError, ModelError
-from taxonomist.inference.ood_model import MODEL_OOD_METHODS
-from taxonomist.taxonomy import default_metric, suggest
+from taxonomist.taxonomy import suggest
 
 #: Alternatives listed per image.
 TOP_K = 5
@@ -36,48 +29,42 @@ SERVE_OOD_METHODS = (*OOD_METHODS, *MODEL_OOD_METHODS)
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """What `taxonomist serve` decides and how (the options `predict` takes for the same purpose)."""
+    """What `taxonomist serve` decides — `decide`, the `DecisionOptions` `predict` takes too — and how it runs the
+    model. Checked when made; what needs the model is checked when it loads (`Predictor.load`)."""
 
-    decision: str = "argmax"
-    candidates: str | None = None            # None | "" | "all" | "fathomnet2025" | a file path
-    thresholds: str | float | None = None    # backoff: RANK=P,… or one number
-    selective_threshold: float | None = None
-    top_k: int | None = None                 # rollup / common-ancestor: the labels that count
-    ood: str | None = None
-    ood_threshold: float | None = None
-    ood_tpr: float | None = None
-    ood_fallback: str | None = "auto"
+    decide: DecisionOptions = field(default_factory=DecisionOptions)
     device: str = "cpu"
     context_scale: str | None = None         # the context a frame + box gives; None: the model's recorded one
     trust_code: bool = False                 # load a checkpoint whose backbone imports code (`--trust-code`)
+    engine: str = "auto"                     # what runs a checkpoint: auto | torch | onnx (`onnx_model.ENGINES`)
 
     def __post_init__(self):
-        from taxonomist.decide import resolve_ood_method
-        object.__setattr__(self, "ood", resolve_ood_method(self.ood))  # `auto`: the score measured best
+        from taxonomist.inference.onnx_model import ENGINES
 
-    def check(self) -> None:
-        """Validate the option values that need no model (the rest is checked when the model loads)."""
-        from taxonomist.inference.calibrate import check_tpr
-
-        if self.decision not in DECISIONS:
-            raise ConfigError(f"unknown decision {self.decision!r}{suggest(str(self.decision), DECISIONS)}; "
-                              f"choose one of {', '.join(DECISIONS)}")
-        if self.ood == "ensemble":
+        if not isinstance(self.decide, DecisionOptions):
+            raise ConfigError(f"ServeOptions.decide must be a DecisionOptions, got {type(self.decide).__name__}")
+        if self.decide.ood == ENSEMBLE_OOD_METHOD:
             raise ConfigError("--ood ensemble needs several checkpoints; the service runs one model (use "
                               f"{', '.join(SERVE_OOD_METHODS)}, or `taxonomist predict` for an ensemble)")
-        if self.ood is not None and self.ood not in SERVE_OOD_METHODS:
-            raise ConfigError(f"unknown OOD method {self.ood!r}{suggest(str(self.ood), SERVE_OOD_METHODS)}; "
-                              f"choose one of {', '.join(SERVE_OOD_METHODS)}")
-        if self.ood_threshold is not None and self.ood_tpr is not None:
-            raise ConfigError("give either an OOD threshold or an OOD TPR, not both")
-        if (self.ood_threshold is not None or self.ood_tpr is not None) and not self.ood:
-            raise ConfigError("an OOD threshold or TPR needs an OOD method (--ood METHOD)")
-        if self.ood_tpr is not None:
-            check_tpr(self.ood_tpr)
+        if self.decide.tta is not None:
+            raise ConfigError("--tta: the service answers one view per image; use `taxonomist predict --tta`")
         if self.context_scale is not None:
             from taxonomist.deploy.serve.boxes import canonical_scale
 
             canonical_scale(self.context_scale)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}{suggest(str(self.engine), ENGINES)}; "
+                              f"choose one of {', '.join(ENGINES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (`from_dict` reads them back): what `--workers N` hands each worker process."""
+        return {"decide": self.decide.describe(), "device": self.device, "context_scale": self.context_scale,
+                "trust_code": self.trust_code, "engine": self.engine}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServeOptions:
+        return cls(DecisionOptions(**data.get("decide", {})),
+                   **{k: v for k, v in data.items() if k != "decide"})
 
 
 @dataclass
@@ -86,16 +73,12 @@ class Predictor:
 
     model_path: Path
     model: Any
-    meta: dict
+    card: ModelCard
     taxonomy: Any
     options: ServeOptions
     device: Any
+    decision: DecisionOptions                # `options.decide` resolved for the model's taxonomy
     transform: Any = None
-    temperature: float = 1.0
-    metric: str = "lca"
-    candidates: list[str] | None = None
-    rule_thresholds: Any = None
-    fallback: Any = None
     ood_scorer: Any = None
     ood_threshold: float | None = None
     context_scale: str | None = None
@@ -107,65 +90,67 @@ class Predictor:
     def load(cls, model_path: str | Path, options: ServeOptions | None = None) -> Predictor:
         """Load `model_path` (checkpoint, run directory or `.onnx`) and prepare the decision and OOD steps;
         every option is checked here, before the service accepts a request."""
+        from taxonomist.inference.members import check_ood_members, member_ood_scorers
         from taxonomist.inference.model_file import load_model, resolve_model
-        from taxonomist.inference.predict import _parse_fallback, _rule_thresholds, parse_thresholds
         from taxonomist.inference.run_model import eval_transform
-        from taxonomist.train.loop import select_device
+        from taxonomist.runtime import select_device
 
         options = options or ServeOptions()
-        options.check()
         path = resolve_model(model_path)
-        if options.ood:
-            from taxonomist.inference.predict import check_ood_options
-
-            check_ood_options(options.ood, options.ood_threshold, options.ood_tpr, [path])  # before loading
+        check_ood_members(options.decide, [path])  # before loading
         device = select_device(options.device)
-        model, meta, taxonomy = load_model(path, device=str(device), trust_code=options.trust_code)
-        metric = meta.get("metric", "auto")
-        metric = default_metric(taxonomy) if metric in ("", "auto") else metric
-        cand = None if options.candidates is None else candidate_nodes(taxonomy, options.candidates)
-        rule_thr = _rule_thresholds(options.decision, parse_thresholds(options.thresholds),
-                                    options.selective_threshold, taxonomy, options.top_k)
-        scorer = threshold = fallback = ood_options = None
-        if options.ood:
-            from taxonomist.inference.predict import member_ood_scorers
-
-            how = member_ood_scorers([path], options.ood, options.ood_threshold, options.ood_tpr)[0]
+        model, card, taxonomy = load_model(path, device=str(device), trust_code=options.trust_code,
+                                           engine=options.engine, needs_torch=options.decide.needs_torch)
+        decision = options.decide.resolve(taxonomy, model_metric=card.metric)
+        scorer = threshold = ood_options = None
+        if decision.ood:
+            how = member_ood_scorers([path], decision.ood, decision.ood_threshold, decision.ood_tpr)[0]
             scorer, threshold, ood_options = how.scorer, how.threshold, how.options
-            fallback = _parse_fallback(options.ood_fallback, taxonomy)
         model.eval()
-        predictor = cls(path, model, meta, taxonomy, options, device, eval_transform(meta),
-                        float(meta.get("temperature", 1.0)), metric, cand, rule_thr, fallback, scorer, threshold,
-                        _context_scale(options, meta, path), ood_options)
+        predictor = cls(path, model, card, taxonomy, options, device, decision, eval_transform(card), scorer,
+                        threshold, _context_scale(options, card, path), ood_options)
         predictor.info = predictor._describe()
         return predictor
 
+    @property
+    def temperature(self) -> float:
+        return self.card.temperature
+
     def _describe(self) -> dict:
-        meta = self.meta
+        card = self.card
         path = self.model_path
         # `run/checkpoints/best.safetensors` says which run; the bare file name would not
         name = f"{path.parent.parent.name}/{path.parent.name}/{path.name}" if path.parent.name == "checkpoints" \
             else path.name
-        return {"model": name, "path": str(path), "backbone": meta.get("backbone"),
-                "head": meta.get("head"), "image_size": meta.get("image_size"),
-                "preprocessing": meta.get("preprocessing"), "temperature": self.temperature,
-                "labels": len(meta.get("labels", [])), "taxonomy_hash": self.taxonomy.hash,
-                "metric": self.metric, "decision": self.options.decision,
-                "candidates": len(self.candidates) if self.candidates is not None else None,
-                "ood": ({"method": self.options.ood, "threshold": self.ood_threshold}
-                        if self.options.ood else None),
-                "epoch": meta.get("epoch"), "device": str(self.device), "inputs": self.inputs()}
+        pre = card.preprocessing
+        return {"model": name, "path": str(path), "backbone": card.backbone or None,
+                "head": card.head, "image_size": card.image_size,
+                "preprocessing": None if pre is None else pre.to_dict(), "temperature": card.temperature,
+                "labels": len(card.labels), "taxonomy_hash": self.taxonomy.hash,
+                "metric": self.decision.metric, "decision": self.decision.decision,
+                "candidates": len(self.decision.candidates) if self.decision.candidates is not None else None,
+                "ood": ({"method": self.decision.ood, "threshold": self.ood_threshold}
+                        if self.decision.ood else None),
+                "epoch": card.epoch, "device": str(self.device), "engine": self.engine,
+                "inputs": self.inputs()}
+
+    @property
+    def engine(self) -> str:
+        """What runs the model: onnxruntime or PyTorch."""
+        from taxonomist.inference.onnx_model import OnnxTaxonModel
+
+        return "onnxruntime" if isinstance(self.model, OnnxTaxonModel) else "PyTorch"
 
     # ------------------------------------------------------------------------------------------ inputs
     @property
     def two_stream(self) -> bool:
         """True when the model takes an ROI crop and a context crop per example."""
-        return self.meta.get("head") == "two_stream"
+        return self.card.two_stream
 
     @property
     def sees_context(self) -> bool:
         """True for a single-stream model trained on the context crops (`data.input: context`)."""
-        return not self.two_stream and self.meta.get("data", {}).get("input") == "context_path"
+        return not self.two_stream and self.card.data.input == "context_path"
 
     def inputs(self) -> dict:
         """What a request may send for this model (`GET /health` and `/metadata`, read by the page)."""
@@ -224,7 +209,7 @@ class Predictor:
             out = self.model(images) if contexts is None else self.model(images, contexts)
         logits = out["logits"].float().cpu().numpy().astype(np.float64)
         features = out["features"].float().cpu().numpy()
-        scores = self._model_ood_scores(images, contexts) if self.options.ood in MODEL_OOD_METHODS else None
+        scores = self._model_ood_scores(images, contexts) if self.decision.ood in MODEL_OOD_METHODS else None
         return self.answers(logits, features, scores)
 
     def _model_ood_scores(self, images, contexts) -> np.ndarray:
@@ -232,48 +217,39 @@ class Predictor:
         MC-dropout's masks are seeded per batch)."""
         from taxonomist.inference.ood_model import model_ood_batch
 
-        return model_ood_batch(self.options.ood, self.model, images, contexts, self.temperature,
-                               self.meta["preprocessing"]["std"], self.ood_options)
+        from taxonomist.inference.run_model import input_settings
+
+        _, pre, _, _ = input_settings(self.card)
+        return model_ood_batch(self.decision.ood, self.model, images, contexts, self.temperature, pre.std,
+                               self.ood_options)
 
     def answers(self, logits: np.ndarray, features: np.ndarray, ood_scores: np.ndarray | None = None) -> list[dict]:
-        """Raw logits and features of a batch → answers: decision, P(answer), lineage with P per level,
-        top labels, and the OOD score and flag when an OOD method is set (`ood_scores`: the batch's scores of
-        a model OOD method, computed by the caller)."""
-        from taxonomist.inference.predict import _answer_probability, _level_columns
-
+        """Raw logits and features of a batch → answers (`decide.answer`): decision, P(answer), lineage with P per
+        level, top labels, and the OOD score and flag when an OOD method is set (`ood_scores`: the batch's scores
+        of a model OOD method, computed by the caller)."""
         tax = self.taxonomy
         probs = apply_temperature(logits, self.temperature)
-        nodes = decide(probs, tax, self.options.decision, candidates=self.candidates, metric=self.metric,
-                       thresholds=self.rule_thresholds, top_k=self.options.top_k).nodes.copy()
-        scores = unknown = None
+        scores = None
         if self.ood_scorer is not None or ood_scores is not None:
             # predict scores the raw (untempered) logits; the stored thresholds were fitted on those
             scores = np.asarray(ood_scores if ood_scores is not None else
                                 self.ood_scorer.score(features, logits.astype(np.float32)), dtype=np.float64)
-            unknown = scores >= self.ood_threshold
-            if self.options.decision != "argmax" and unknown.any():
-                nodes = ood_fallback(nodes, unknown, tax, self.fallback, probs=probs, candidates=self.candidates)
-        confidence = _answer_probability(probs, tax, nodes)
-        levels = _level_columns(tax, nodes)
-        node_p = node_probabilities(probs, tax)  # (N, nodes): P(the label lies at or below the node)
+        answers = answer(probs, tax, self.decision, scores, self.ood_threshold)
         top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
         labels = tax.labels
         out = []
-        for i, node in enumerate(nodes.tolist()):
-            lineage = {}
-            for level, names in levels.items():
-                name = names[i]
-                if name:
-                    lineage[level] = {"name": name, "p": round(float(node_p[i, tax.index(name)]), 6)}
-            answer: dict[str, Any] = {
-                "decision": tax.names[node], "confidence": round(float(confidence[i]), 6),
-                "rank": tax.rank(tax.names[node]) if tax.has_ranks else None, "lineage": lineage,
+        for i, name in enumerate(answers.names):
+            lineage = {level: {"name": names[i], "p": round(float(answers.level_probabilities[level][i]), 6)}
+                       for level, names in answers.levels.items() if names[i]}
+            result: dict[str, Any] = {
+                "decision": name, "confidence": round(float(answers.confidence[i]), 6),
+                "rank": tax.rank(name) if tax.has_ranks else None, "lineage": lineage,
                 "top": [{"name": labels[j], "p": round(float(probs[i, j]), 6)} for j in top[i].tolist()]}
             if scores is not None:
                 # unrounded, as predict writes it: ODIN's scores differ in the 7th decimal
-                answer["ood"] = {"score": float(scores[i]), "unknown": bool(unknown[i]),
-                                 "method": self.options.ood, "threshold": float(self.ood_threshold)}
-            out.append(answer)
+                result["ood"] = {"score": float(answers.ood_score[i]), "unknown": bool(answers.unknown[i]),
+                                 "method": self.decision.ood, "threshold": float(self.ood_threshold)}
+            out.append(result)
         return out
 
     def taxonomy_table(self) -> dict:
@@ -285,19 +261,19 @@ class Predictor:
                 "levels": [level.name for level in tax.levels()], "hash": tax.hash}
 
     def metadata(self) -> Mapping:
-        """`GET /metadata`: the model's metadata without the bulky label and taxonomy tables."""
+        """`GET /metadata`: the model's card without the bulky label and taxonomy tables."""
         skip = {"labels", "taxonomy"}
-        meta = {k: v for k, v in self.meta.items() if k not in skip}
-        return {"service": self.info, "model": meta}
+        card = {k: v for k, v in self.card.to_dict().items() if k not in skip}
+        return {"service": self.info, "model": card}
 
 
-def _context_scale(options: ServeOptions, meta: dict, path: Path) -> str | None:
+def _context_scale(options: ServeOptions, card: ModelCard, path: Path) -> str | None:
     """--context-scale when given, else the scale the model recorded at training (`data.context`), else None."""
     from taxonomist.deploy.serve.boxes import canonical_scale
 
     if options.context_scale is not None:
         return canonical_scale(options.context_scale)
-    recorded = (meta.get("data") or {}).get("context")
+    recorded = card.data.context
     if recorded in (None, ""):
         return None
     try:
