@@ -10,6 +10,21 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The session's own cache root (XDG_CACHE_HOME): the ONNX engine's exports and saved tracebacks land in the
+    session's temporary folder, never in the user's ~/.cache, and CLI subprocesses inherit it."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory):
     """`make(n_taxa, per_class, seed, val, test)`: a small synthetic dataset (32 px images) split by seed, made once

@@ -125,7 +125,7 @@ def test_optional_fields_of_other_sections():
     """Sections added later may hold `X | None` fields; `--set` text reads as None or as X."""
     from dataclasses import dataclass
 
-    from taxonomist.config import _apply
+    from taxonomist.config import apply_values
 
     @dataclass
     class Section:
@@ -133,12 +133,12 @@ def test_optional_fields_of_other_sections():
         name: str = "x"
 
     section = Section()
-    _apply(section, {"limit": "12"})
+    apply_values(section, {"limit": "12"})
     assert section.limit == 12
-    _apply(section, {"limit": "null"})
+    apply_values(section, {"limit": "null"})
     assert section.limit is None
     with pytest.raises(ConfigError, match="config key limit: cannot read 'many'"):
-        _apply(section, {"limit": "many"})
+        apply_values(section, {"limit": "many"})
 
 
 # ---------------------------------------------------------------------------------------------- value ranges

@@ -120,7 +120,10 @@ class TrainConfig:
     threads: int = 0                     #: CPU intra-op threads; 0 = cores not used by loader workers
     seed: int = 0
     max_steps: int = 0                   #: stop after N optimizer steps (smoke tests); 0 = no limit
-    log_every: int = 10
+    log_every: int = 10                  #: batches between updates of the progress bar's loss and img/s
+    #: without a terminal (a log file, a pipe, a batch job): a progress line within an epoch every N seconds
+    #: (0 = after every batch); the epoch lines come either way
+    log_seconds: float = 30.0
     tensorboard: bool = True
     wandb: str = ""                      #: wandb project name; empty = off
 
@@ -241,6 +244,7 @@ RANGES: dict[str, Range] = {
     "train.seed": Range(0, 2**32 - 1),
     "train.max_steps": Range(0, note="0 = no limit"),
     "train.log_every": _COUNT,
+    "train.log_seconds": Range(0, note="0 = after every batch"),
     "decide.thresholds": _PROBABILITY,
 }
 
@@ -322,7 +326,7 @@ def _split_mapping(value: str) -> dict[Any, Any]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce_value(value: Any, hint: Any, key: str) -> Any:
     """Convert a YAML value or a raw `--set` string to the field's type, with an error naming the key.
 
     `--set` values arrive as the exact text the user typed, so a `str` field keeps "0.10" or "on"
@@ -339,7 +343,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return None
             for inner in (a for a in args if a is not type(None)):  # the first type that reads the value
                 try:
-                    return _coerce(value, inner, key)
+                    return coerce_value(value, inner, key)
                 except ConfigError:
                     continue
             raise ValueError
@@ -381,15 +385,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             items = _split_items(value) if isinstance(value, str) else list(value)
             if len(items) != len(args):
                 raise ValueError
-            return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+            return tuple(coerce_value(v, a, key) for v, a in zip(items, args))
         if origin is list:
             (arg,) = args
             items = _split_items(value) if isinstance(value, str) else list(value or [])
-            return [_coerce(v, arg, key) for v in items]
+            return [coerce_value(v, arg, key) for v in items]
         if origin is dict:
             mapping = _split_mapping(value) if isinstance(value, str) else dict(value or {})
             _, val_t = args
-            return {str(k): _coerce(v, val_t, key) for k, v in mapping.items()}
+            return {str(k): coerce_value(v, val_t, key) for k, v in mapping.items()}
     except (ValueError, TypeError, yaml.YAMLError):
         raise ConfigError(f"config key {key}: cannot read {shorten(value)} as "
                           f"{getattr(hint, '__name__', None) or hint}") from None
@@ -401,8 +405,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    """Set the fields of dataclass `obj` from a nested dict; a mapping updates a dict field key by key."""
+def apply_values(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set the fields of dataclass `obj` (a `Config` or one of its sections) from a nested dict, each value converted
+    to its field's type (`coerce_value`) and range-checked; a mapping updates a dict field key by key. An unknown
+    key is a ConfigError that names it (with "did you mean")."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
@@ -415,9 +421,9 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {dotted!r} is a section; give it keys, e.g. {dotted}.<key>=…")
-            _apply(current, value, dotted + ".")
+            apply_values(current, value, dotted + ".")
             continue
-        new = _coerce(value, hints[key], dotted)
+        new = coerce_value(value, hints[key], dotted)
         check_range(dotted, new)
         if isinstance(current, dict) and isinstance(new, dict):
             # `--set decide.thresholds.species=0.5` changes one rank and keeps the others
@@ -428,7 +434,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-3", "model.head=flat"]` → `{"train": {"lr": "1e-3"}, "model": {"head": "flat"}}`.
 
-    Values stay the text given; `_apply` converts each to its field's type (int, float, bool, tuple …).
+    Values stay the text given; `apply_values` converts each to its field's type (int, float, bool, tuple …).
     """
     nested: dict[str, Any] = {}
     for pair in pairs:
@@ -457,7 +463,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     cfg = Config()
     if base:
-        _apply(cfg, base)
+        apply_values(cfg, base)
     if path:
         path = Path(path)
         if not path.exists():
@@ -469,9 +475,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, …)")
         try:
-            _apply(cfg, data)
+            apply_values(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     if overrides:
-        _apply(cfg, parse_overrides(overrides))
+        apply_values(cfg, parse_overrides(overrides))
     return cfg

@@ -10,11 +10,14 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from taxonomist.config import Config
 from taxonomist.errors import PostTrainingError
 from taxonomist.utils.run_status import STATUS_FILE, log_error, read_status, update_status
+
+if TYPE_CHECKING:
+    from taxonomist.train.callbacks import Callback
 
 #: the steps after training, in the order they run; each needs the ones before it
 POST_TRAINING_STEPS = ("calibrate", "evaluate", "report")
@@ -196,15 +199,19 @@ def training_finished(run_dir: str | Path, cfg: Config) -> bool:
 
 def fit(cfg: Config, *, resume: bool = False, kfold: bool = False, calibrate: bool = True, evaluate: bool = True,
         report: bool = True, split: str = "test", progress: bool = False, force: bool = False,
-        log: Callable[[str], None] = print) -> FitResult:
-    """Train as `cfg` says, then calibrate, evaluate the best checkpoint on `split` and write the report.
+        log: Callable[[str], None] = print, on_epoch: Callable[[int, dict], None] | None = None,
+        callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Train as `cfg` says, then calibrate, evaluate the best checkpoint on `split` and write the report: what
+    `taxonomist train` does (it calls this), also as `taxonomist.fit`.
 
     A step after training that fails does not raise: `FitResult.failure` names it, its traceback is in
     RUN/errors.log, and the trained model stays in RUN/checkpoints (call `raise_for_failure()` to raise it as a
     `PostTrainingError`). With `resume`, a run that already trained to the end goes straight to those steps.
     With `kfold`, one run per fold is trained and calibrated (`OUT/fold_K`), and nothing is evaluated.
     `cfg.out` must be new, empty or a taxonomist run; `force` trains into another existing folder
-    (`train.loop.check_run_out`).
+    (`train.loop.check_run_out`). `callbacks` (`train.callbacks.Callback`) watch training and may stop it after an
+    epoch; `on_epoch(epoch, row)` is the short form of one, called after each epoch (a sweep reports to its
+    pruner there). Neither with `kfold`.
 
     >>> from taxonomist.config import load_config                                            # doctest: +SKIP
     >>> result = fit(load_config(None, ["data.root=data/synth", "out=runs/first"]))         # doctest: +SKIP
@@ -213,14 +220,18 @@ def fit(cfg: Config, *, resume: bool = False, kfold: bool = False, calibrate: bo
     from taxonomist.models.backbones import chosen_by_user
     with chosen_by_user(cfg.model.backbone):  # the user's config chose it: a `module:` backbone needs no flag here
         return _fit(cfg, resume=resume, kfold=kfold, calibrate=calibrate, evaluate=evaluate, report=report,
-                    split=split, progress=progress, force=force, log=log)
+                    split=split, progress=progress, force=force, log=log, on_epoch=on_epoch, callbacks=callbacks)
 
 
 def _fit(cfg: Config, *, resume: bool, kfold: bool, calibrate: bool, evaluate: bool, report: bool, split: str,
-         progress: bool, force: bool, log: Callable[[str], None]) -> FitResult:
-    import os
-
+         progress: bool, force: bool, log: Callable[[str], None], on_epoch, callbacks) -> FitResult:
+    from taxonomist.runtime import is_main_process
     from taxonomist.train.loop import check_run_out
+
+    if kfold and on_epoch is not None:
+        raise ValueError("fit: on_epoch is not supported with kfold")
+    if kfold and callbacks:
+        raise ValueError("fit: callbacks are not supported with kfold")
     run_dir = check_run_out(cfg, resume=resume, force=force, kfold=kfold)  # before any step reads or writes
     steps = [s for s, on in zip(POST_TRAINING_STEPS, (calibrate, evaluate, evaluate and report)) if on]
     if kfold:
@@ -242,8 +253,9 @@ def _fit(cfg: Config, *, resume: bool, kfold: bool, calibrate: bool, evaluate: b
             f"epochs); running the steps after it: {', '.join(steps) or 'none'}")
     else:
         from taxonomist.train import train
-        trained = train(cfg, progress=progress, resume=resume, log=log, force=force)
-        if int(os.environ.get("RANK", "0")) != 0:  # one process of several: rank 0 does the rest
+        trained = train(cfg, progress=progress, resume=resume, log=log, force=force, on_epoch=on_epoch,
+                        callbacks=callbacks)
+        if not is_main_process():  # one process of several: rank 0 does the rest
             return FitResult(run_dir, training=trained)
         log(f"best {trained.monitor} {trained.best_metric:.4f} at epoch {trained.best_epoch}; "
             f"run directory: {trained.run_dir}")

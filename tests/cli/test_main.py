@@ -103,3 +103,46 @@ def test_build_parser_registers_taxonomy_and_score():
         ("sol.csv", "sub.csv", "fathomnet2025", "auto", False)
     args = parser.parse_args(["taxonomy", "resolve", "A", "B", "--out", "t.csv", "--offline"])
     assert (args.names, args.out, args.offline, args.cache) == (["A", "B"], "t.csv", True, None)
+
+
+def _all_commands(parser, prefix=()):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,), sub
+                yield from _all_commands(sub, prefix + (name,))
+
+
+def _option_helps(parser) -> dict[str, str]:
+    """Each option's help as `--help` prints it, joined into one line per option."""
+    text = parser.format_help()
+    helps, current = {}, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") or line.startswith("  --"):
+            current = stripped.split()[0].rstrip(",")
+            helps[current] = stripped
+        elif current and line.startswith(" " * 6) and stripped:
+            helps[current] += " " + stripped
+        else:
+            current = None
+    return helps
+
+
+def test_help_shows_each_default_once_and_never_an_empty_one():
+    """Issue 23: "(default: the run's data.root) (default: None)" and `serve --port` without its default."""
+    checked = 0
+    for path, sub in _all_commands(build_parser()):
+        for option, text in _option_helps(sub).items():
+            where = f"taxonomist {' '.join(path)} {option}: {text}"
+            assert text.count("(default") <= 1, where
+            assert "(default: None)" not in text and "(default: False)" not in text, where
+            assert "(default: [])" not in text, where
+            checked += 1
+    assert checked > 100
+    serve = dict(_all_commands(build_parser()))[("serve",)]
+    helps = _option_helps(serve)
+    assert "(default: 8000)" in helps["--port"] and "(default: 127.0.0.1)" in helps["--host"]
+    train = dict(_all_commands(build_parser()))[("train",)]
+    assert _option_helps(train)["--strict"].endswith("(default: skip it and list it)")

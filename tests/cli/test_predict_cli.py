@@ -132,10 +132,10 @@ def test_rollup_parameters_through_the_cli(run, data, tmp_path, capsys):
 
 
 def test_ood_auto_is_the_measured_default(run, data, tmp_path, capsys):
-    from taxonomist.decide import AUTO_OOD_METHOD
+    from taxonomist.decide import AUTO_OOD_METHOD, DecisionOptions
     from taxonomist.deploy.serve.predictor import ServeOptions
 
-    assert AUTO_OOD_METHOD == "mahalanobis" and ServeOptions(ood="auto").ood == "mahalanobis"
+    assert AUTO_OOD_METHOD == "mahalanobis" and ServeOptions(DecisionOptions(ood="auto")).decide.ood == "mahalanobis"
     args = ["predict", str(run), "--images", str(data), "--split", "test", "--workers", "0", "--device", "cpu"]
     assert main([*args, "--ood", "auto", "--out", str(tmp_path / "auto.csv")]) == 0
     assert main([*args, "--ood", "mahalanobis", "--out", str(tmp_path / "maha.csv")]) == 0

@@ -54,6 +54,19 @@ def test_allow_unknown_scores_twelve(files, capsys):
     assert out[-1] == f"{(0 + 2 + 4 + 7 + 5 + 12) / 6:.4f}" == "5.0000"
 
 
+def test_names_of_another_taxonomy_get_a_hint_to_pass_it(tmp_path, capsys):
+    """Issue 23: a dataset's own names scored against the default fathomnet2025 listed every row as unknown and
+    never said that --taxonomy exists."""
+    sol, sub = tmp_path / "solution.csv", tmp_path / "submission.csv"
+    sol.write_text("annotation_id,concept_name\n1,Miodorium nira\n2,Glocreiformes\n", encoding="utf-8")
+    sub.write_text("annotation_id,concept_name\n1,Miodorium nira\n2,Miodorium nira\n", encoding="utf-8")
+    assert main(["score", str(sol), str(sub)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and err[0].startswith(f"error: {sol}: 2 concept_name(s) are not accepted labels")
+    assert err[-1].startswith(f"error: {sol}: the names are not those of this taxonomy (79 labels, e.g. ")
+    assert err[-1].endswith("--taxonomy TAXONOMY_CSV, e.g. the dataset's taxonomy.csv (the default is fathomnet2025)")
+
+
 @pytest.mark.parametrize("content, messages", [
     ("annotation_id,label\n1,Sebastes\n", ["submission has no column 'concept_name' (header: annotation_id,label)"]),
     ("id,concept_name\n1,Sebastes\n", ["submission has no column 'annotation_id' (header: id,concept_name)"]),

@@ -188,7 +188,8 @@ def _tiny(data: Path, out: Path, *extra: str) -> Config:
 
 def test_run_config_records_the_resolution_and_resume_keeps_it(synth_dataset, tmp_path, monkeypatch):
     from taxonomist.data.dataset import load_dataset
-    from taxonomist.train.loop import split_rows, train
+    from taxonomist.data.split import split_rows
+    from taxonomist.train import train
 
     torch.set_num_threads(1)
     data = synth_dataset(n_taxa=3, per_class=8)

@@ -13,8 +13,8 @@ from PIL import Image
 from taxonomist.config import Config
 from taxonomist.data import load_dataset
 from taxonomist.data.cache import ResizedCache, default_cache_size
-from taxonomist.data.loading import (SkippedImage, TaxonDataset, UnreadableImageError, auto_num_workers,
-                                     batch_random_flips, batch_resize_normalize, build_loader, class_counts,
+from taxonomist.data.loading import (SkippedImage, TaxonDataset, UnreadableImageError, batch_random_flips,
+                                     batch_resize_normalize, build_loader, class_counts,
                                      collate, decode_jpeg_batch_cuda, make_weighted_sampler, read_image)
 from taxonomist.data.transforms import (build_transforms, pad_to_square, parse_randaugment, to_square)
 from taxonomist.errors import ConfigError, DataError
@@ -378,10 +378,6 @@ def test_loader_sets_epoch_on_a_distributed_sampler(data):
     first = [i for b in loader for i in b["index"].tolist()]
     second = [i for b in loader for i in b["index"].tolist()]
     assert len(first) == 4 and first != second and sampler.epoch == 1
-
-
-def test_auto_num_workers():
-    assert [auto_num_workers(n) for n in (1, 2, 3, 4, 16, 64)] == [0, 1, 2, 3, 8, 8]
 
 
 # --- class balance --------------------------------------------------------------------------------------

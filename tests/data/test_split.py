@@ -209,3 +209,26 @@ def test_cli_done_when_synth_explore_split(tmp_path, capsys):
 
     assert main(["data", "split", str(data), "--classes", "2"]) == 2
     assert "pass --out DIR" in capsys.readouterr().err
+
+
+def test_solution_file_holds_the_test_rows_and_scores_a_perfect_submission(tmp_path, capsys):
+    """Issue 23: the README's `score solution.csv submission.csv` needs a solution that a command makes."""
+    data = tmp_path / "d"
+    assert main(["data", "synth", str(data), "--taxa", "6", "--per-class", "10", "--image-size", "32"]) == 0
+    sol = tmp_path / "solution.csv"
+    assert main(["data", "split", str(data), "--test", "0.2", "--solution", str(sol)]) == 0
+    assert f"wrote {sol}: the true names of the 12 test rows" in capsys.readouterr().out
+    frame = load_dataset(data).annotations
+    test = frame[frame["split"] == "test"]
+    written = pd.read_csv(sol, dtype=str)
+    assert list(written.columns) == ["annotation_id", "concept_name"]
+    assert written["annotation_id"].tolist() == test["annotation_id"].tolist()
+    assert written["concept_name"].tolist() == test["label"].tolist()
+    written.to_csv(tmp_path / "submission.csv", index=False)
+    assert main(["score", str(sol), str(tmp_path / "submission.csv"), "--taxonomy", str(data / "taxonomy.csv")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "0.0000"
+    # never over the dataset's own files; a split without test rows has no solution
+    assert main(["data", "split", str(data), "--solution", str(data / "annotations.csv")]) == 2
+    assert "is the dataset's own annotations.csv" in capsys.readouterr().err
+    assert main(["data", "split", str(data), "--test", "0", "--solution", str(sol)]) == 2
+    assert "no labelled test rows" in capsys.readouterr().err

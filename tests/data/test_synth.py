@@ -31,7 +31,8 @@ def test_layout_and_summary(small):
     assert "18 images (48 px)" in text and "6 labels" in text and str(out) in text
 
     frame = read_annotations(out / "annotations.csv")
-    assert list(frame.columns) == ["path", "label", "image_id", "annotation_id", "context_path"]
+    assert list(frame.columns) == ["path", "label", "image_id", "annotation_id", "context_path",
+                                   "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
     assert frame["annotation_id"].tolist() == [str(i) for i in range(1, 19)]
     assert frame["annotation_id"].is_unique and frame["image_id"].is_unique
     assert frame.groupby("label").size().tolist() == [3] * 6
@@ -194,3 +195,29 @@ def test_difficulty_zero_is_easier(tmp_path):
     synthesize(tmp_path / "hard", n_taxa=12, per_class=16, image_size=48, seed=0, context=False)
     synthesize(tmp_path / "clean", n_taxa=12, per_class=16, image_size=48, seed=0, context=False, difficulty=0.0)
     assert _nearest_centroid(tmp_path / "clean")["label"] > _nearest_centroid(tmp_path / "hard")["label"] + 0.1
+
+
+def test_boxes_frame_the_organism_in_its_scene_as_the_roi_does(small):
+    """The bbox columns: the ROI's window in the context scene (the frame), inside it, half the ROI's side
+    (the scene draws the organism at half scale) unless clipped at the scene's border."""
+    import numpy as np
+    from PIL import Image
+
+    out, _ = small
+    frame = read_annotations(out / "annotations.csv")
+    box = frame[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].astype(float).to_numpy()
+    assert (box[:, :2] >= 0).all() and (box[:, 0] + box[:, 2] <= 96).all() and (box[:, 1] + box[:, 3] <= 96).all()
+    assert (box[:, 2:] <= 24).all() and (np.isclose(box[:, 2:], 24, atol=0.15).mean() > 0.5)
+    # the organism is in the box: the box's pixels stand out from the scene's other windows of the same size
+    rng = np.random.default_rng(0)
+    stands_out = []
+    for ctx, (x, y, w, h) in zip(frame["context_path"], box):
+        scene = np.asarray(Image.open(out / ctx).convert("RGB"), dtype=float)
+        background = np.median(scene.reshape(-1, 3), axis=0)
+
+        def contrast(x0, y0):
+            window = scene[int(y0):int(y0 + h), int(x0):int(x0 + w)]
+            return np.abs(window - background).sum(axis=2).max()
+        others = [contrast(rng.uniform(0, 96 - w), rng.uniform(0, 96 - h)) for _ in range(8)]
+        stands_out.append(contrast(x, y) > np.median(others))
+    assert np.mean(stands_out) > 0.8

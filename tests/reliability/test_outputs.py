@@ -207,7 +207,8 @@ def test_export_replaces_model_and_ood_statistics_as_a_pair(tiny_run, tiny_data,
     from safetensors.numpy import load_file, save_file
 
     from taxonomist.deploy.export import export_model
-    from taxonomist.inference.calibrate import calibrate_checkpoint, ood_path
+    from taxonomist.inference.calibrate import calibrate_checkpoint
+    from taxonomist.inference.model_file import ood_path
 
     folders = []
     for name, temperature in (("a", 1.0), ("b", 2.0)):   # two checkpoints whose exports differ in every file

@@ -30,7 +30,7 @@ from taxonomist.data.loading import (
     decode_jpeg_batch_cuda,
 )
 from taxonomist.decide import apply_temperature, decide
-from taxonomist.train.step import TrainStep, build_optimizer
+from taxonomist.train.step import TrainStep, build_optimizer, lr_lambda
 
 
 def _gpu_batches(dataset, rows, device, batch_size, image_size, mean, std, train, channels_last, augment, seed,
@@ -68,10 +68,8 @@ def train_loader(cfg, dataset, rows, label_index, model, num_workers):
 def taxonomist_train(model, criterion, cfg, dataset, rows, label_index, device, num_workers, warmup, steps,
                      gpu_decode: bool = False, train_model=None) -> float:
     """img/s of `TrainStep` fed by the project's loader (or, with `gpu_decode`, the device-side decoder)."""
-    from taxonomist.train.loop import _lr_lambda
-
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, max(1, len(rows) // cfg.train.batch_size)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max(1, len(rows) // cfg.train.batch_size)))
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
@@ -171,7 +169,7 @@ def taxonomist_predict(model, cfg, dataset, rows, label_index, device, num_worke
     `warmup` batches alone in another, and `predict_rate` turns the two into img/s (and says which method it
     used: with `warmup=0`, or a difference within noise, the whole call, start included)."""
     from taxonomist.inference.run_model import infer_rows
-    from taxonomist.train.inference import run_inference
+    from taxonomist.inference.forward import run_inference
 
     taxonomy = dataset.taxonomy
     candidates = list(taxonomy.internal_nodes) + list(taxonomy.labels)  # min-risk may answer a genus or family

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
+
+from taxonomist.train.callbacks import BatchEnd, Callback
 
 #: Python functions whose cumulative time is reported: (label, file suffix, function, caller file suffix or
 #: None, top-level: counted in the sum that leaves "everything else")
@@ -27,11 +28,21 @@ PHASES = (
     ("  backward", "torch/_tensor.py", "backward", "train/step.py", False),
     ("  clip_grad_norm_", "torch/nn/utils/clip_grad.py", "_no_grad_wrapper", "train/step.py", False),
     ("  optimizer step (AdamW)", "torch/optim/", "wrapper", "train/step.py", False),
-    ("validation (run_inference)", "train/inference.py", "run_inference", None, True),
+    ("validation (run_inference)", "inference/forward.py", "run_inference", None, True),
     ("checkpoints (save_checkpoint)", "train/checkpoint.py", "save_checkpoint", None, True),
     ("resume state (save_resume_state)", "train/checkpoint.py", "save_resume_state", None, True),
     ("model build (build_model)", "models/taxon_model.py", "build_model", None, True),
 )
+
+
+class LoaderWait(Callback):
+    """Seconds the training batches were waited for from the loader, summed over the run."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_batch_end(self, run, batch: BatchEnd) -> None:
+        self.seconds += batch.waited
 
 
 def _cumulative(stats: pstats.Stats, suffix: str, name: str, caller: str | None) -> float:
@@ -60,8 +71,9 @@ def profile_epoch(batches: int = 4, val_batches: int = 1, batch_size: int = 32, 
 
     from taxonomist.benchmark.images import write_roi_dataset
     from taxonomist.config import Config
-    from taxonomist.data.loading import auto_num_workers, build_transforms, read_image
-    from taxonomist.train import loop
+    from taxonomist.data.loading import build_transforms, read_image
+    from taxonomist.runtime import auto_num_workers
+    from taxonomist.train.loop import train
 
     workers = auto_num_workers() if workers < 0 else workers
     n_train, n_val = batches * batch_size, val_batches * batch_size
@@ -79,35 +91,18 @@ def profile_epoch(batches: int = 4, val_batches: int = 1, batch_size: int = 32, 
         cfg.train.tensorboard = False
         cfg.augment.preset = "default"  # as the documented profiles ran; train() and the per-image timing agree
         prof = cProfile.Profile()
-        waited = [0.0]
-        real_bar = loop._bar
-
-        def timed_bar(iterable, desc, enabled):  # train()'s batch iterator: time each wait for a batch
-            def waiting():
-                it = iter(real_bar(iterable, desc, enabled))
-                while True:
-                    t = time.perf_counter()
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        waited[0] += time.perf_counter() - t
-                        return
-                    waited[0] += time.perf_counter() - t
-                    yield batch
-            return waiting()
-
+        waited = LoaderWait()
         start = time.perf_counter()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as tprof, \
-                mock.patch.object(loop, "_bar", timed_bar):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as tprof:
             prof.enable()
-            result = loop.train(cfg, progress=False, log=lambda *_: None)
+            result = train(cfg, progress=False, log=lambda *_: None, callbacks=[waited])
             prof.disable()
         wall = time.perf_counter() - start
         threads = torch.get_num_threads()
         stats = pstats.Stats(prof)
-        phases = [{"phase": "waiting on the loader (training batches)", "seconds": round(waited[0], 6),
-                   "share": round(waited[0] / wall, 4)}]
-        counted = waited[0]
+        phases = [{"phase": "waiting on the loader (training batches)", "seconds": round(waited.seconds, 6),
+                   "share": round(waited.seconds / wall, 4)}]
+        counted = waited.seconds
         for label, suffix, name, caller, top_level in PHASES:
             seconds = _cumulative(stats, suffix, name, caller)
             counted += seconds if top_level else 0.0

@@ -147,12 +147,12 @@ def run_benchmark(bc: BenchmarkConfig, log=print) -> dict:
 
 def _run(bc: BenchmarkConfig, log) -> dict:
     from taxonomist.data.dataset import load_dataset
-    from taxonomist.data.loading import auto_num_workers
     from taxonomist.losses import build_loss
     from taxonomist.models import build_model
     from taxonomist.taxonomy import default_metric, distance_matrix
-    from taxonomist.train.loop import (
+    from taxonomist.runtime import (
         LOADER_CORE_SHARE,
+        auto_num_workers,
         configure_threads,
         select_device,
         tune_cpu_allocator,

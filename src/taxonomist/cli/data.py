@@ -58,6 +58,7 @@ examples:
 SPLIT_EXAMPLE = """\
 examples:
   taxonomist data split data/synth --val 0.15 --test 0.15
+  taxonomist data split data/synth --test 0.2 --solution solution.csv    # + the test rows' answers, for score
   taxonomist data split data/fathomnet --folds 5 --ood-taxa 3 --seed 0
   taxonomist data split data/fathomnet --ood-taxa "Sebastes,Chionoecetes tanneri"
   taxonomist data split data/big --classes 20 --min-per-class 10 --max-per-class 50 --out data/big-20
@@ -195,6 +196,9 @@ def register(sub, formatter):
     sp.add_argument("--out", default="", metavar="DIR",
                     help="write the split dataset here (annotations.csv + taxonomy.csv, paths to the same "
                          "images) instead of in place; needed when the filters drop rows")
+    sp.add_argument("--solution", default="", metavar="FILE",
+                    help="also write the test rows' true names to FILE (annotation_id,concept_name): the "
+                         "SOLUTION.csv that `taxonomist score` compares a --format kaggle submission with")
     sp.set_defaults(func=run_split)
 
     fn = dsub.add_parser("fathomnet", help="the FathomNet database at the source: scan, select, fetch COCO",
@@ -321,4 +325,8 @@ def run_split(args) -> int:
                             ood_taxa=args.ood_taxa, classes=args.classes, min_per_class=args.min_per_class,
                             max_per_class=args.max_per_class, seed=args.seed, out=args.out or None)
     print(summary)
+    if args.solution:
+        from taxonomist.data.split import write_solution
+        n = write_solution(summary.path, args.solution)
+        print(f"wrote {args.solution}: the true names of the {n} test rows, for `taxonomist score`")
     return 0

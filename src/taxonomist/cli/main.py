@@ -6,7 +6,9 @@ Every failure is one `error: …` line; `--debug` shows the traceback instead. T
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +18,7 @@ from taxonomist.errors import SubmissionError, TaxonomistError
 
 #: command modules, in the order `--help` lists them; each has `register(subparsers)`
 COMMAND_MODULES = ("demo", "taxonomy", "score", "data", "train", "evaluate", "baseline", "predict", "report",
-                   "benchmark", "export", "serve", "sweep")
+                   "benchmark", "export", "push", "serve", "sweep")
 
 
 EXIT_STATUSES = """exit status:
@@ -30,7 +32,32 @@ EXIT_STATUSES = """exit status:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples in descriptions as written and shows defaults."""
+    """Keeps the examples in descriptions as written and shows each option's default once.
+
+    argparse's defaults formatter appends "(default: X)" to every help text: after a help that already says
+    its default ("(default: the run directory) (default: None)"), for defaults that say nothing (None, False, an
+    empty list), and never for an option without help (`serve --port`). Here: an option whose help mentions
+    its default, or whose default is empty, gets nothing appended; one without help gets its default shown.
+    """
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if re.search(r"\bdefaults?\b", text, re.I) or not self._shows_default(action):
+            return text
+        return f"{text.strip()} (default: %(default)s)".lstrip()
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or default is False or default == [] or default == "":
+            return False
+        return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,10 @@ strength key you set (e.g. augment.scale=0.5,1.0, augment.randaugment= for off) 
 The run directory gets config.yaml, taxonomy.csv, checkpoints/, metrics.csv, then (after training)
 metrics.json, predictions.csv and report.html from an evaluation of the best checkpoint.
 
+Output: first one plan line (data: images per split and labels; model; device, torch threads and loader workers;
+epochs; image size; run directory), then a progress bar per epoch on a terminal, or without one (a log file, a
+pipe) a progress line every train.log_seconds (30) within each epoch; then one line per epoch.
+
 If a step after training (calibrate, evaluate, report) fails, the model stays saved: the command prints one
 line naming the step and the command that redoes it, writes the traceback to RUN/errors.log and the state to
 RUN/run.json, and exits with status 3 (a failed training exits with 2). `--resume` on a run whose training
@@ -59,7 +63,8 @@ def _log(line: str) -> None:
     """Training's log lines: progress to stdout, `warning: …` lines to stderr like every other warning."""
     import sys
 
-    print(line, file=sys.stderr if str(line).startswith("warning:") else sys.stdout)
+    # flushed: in a log file or a pipe each line shows when it is said, not when a buffer fills
+    print(line, file=sys.stderr if str(line).startswith("warning:") else sys.stdout, flush=True)
 
 
 def run(args) -> int:
@@ -77,8 +82,9 @@ def run(args) -> int:
         if cfg.decide.model_ood:
             from taxonomist.inference.ood_model import check_model_ood
             check_model_ood(cfg.decide.model_ood, None)
-    from taxonomist.pipeline import fit
-    result = fit(cfg, resume=args.resume, force=args.force, kfold=args.kfold, calibrate=not args.no_calibrate,
-                 evaluate=not args.no_eval, progress=sys.stderr.isatty(), log=_log)
+    import taxonomist  # the command is `taxonomist.fit`, the Python API's own function
+    result = taxonomist.fit(cfg, resume=args.resume, force=args.force, kfold=args.kfold,
+                            calibrate=not args.no_calibrate, evaluate=not args.no_eval, progress=sys.stderr.isatty(),
+                            log=_log)
     result.raise_for_failure()  # exit status 3: the model is saved, a step after training failed
     return 0

@@ -6,11 +6,10 @@ Imported on demand (it imports torch); `taxonomist.data` itself stays torch-free
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,6 @@ from torch.utils.data import DataLoader, WeightedRandomSampler, default_collate,
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
-from taxonomist.data.cache import ResizedCache, default_cache_size
 from taxonomist.data.dataset import Dataset
 from taxonomist.data.images import (
     GIF_MAGIC,
@@ -30,12 +28,15 @@ from taxonomist.data.images import (
 )
 from taxonomist.data.transforms import build_transforms, eval_resize_size, to_square
 from taxonomist.errors import ConfigError, DataError
+from taxonomist.runtime import auto_num_workers
+
+if TYPE_CHECKING:  # the cache imports this module's decoder
+    from taxonomist.data.cache import ResizedCache
 
 __all__ = [
-    "ResizedCache", "SkippedImage", "TaxonDataset", "TaxonLoader", "UnreadableImageError", "auto_num_workers",
-    "batch_random_flips", "batch_resize_normalize", "build_loader", "build_transforms", "class_counts",
-    "collate", "decode_image_data", "decode_jpeg_batch_cuda", "declared_size", "default_cache_size",
-    "make_weighted_sampler", "read_image", "MAX_IMAGE_PIXELS",
+    "SkippedImage", "TaxonDataset", "TaxonLoader", "UnreadableImageError", "batch_random_flips",
+    "batch_resize_normalize", "build_loader", "build_transforms", "class_counts", "collate", "decode_image_data",
+    "decode_jpeg_batch_cuda", "declared_size", "make_weighted_sampler", "read_image", "MAX_IMAGE_PIXELS",
 ]
 
 log = logging.getLogger("taxonomist.data")
@@ -365,24 +366,6 @@ class TaxonLoader(DataLoader):
                     note(skipped)
             if len(batch["index"]):
                 yield batch
-
-
-def auto_num_workers(cpus: int | None = None) -> int:
-    """Loader worker processes for this machine: min(cores - 1, 8), and none on a single core.
-
-    Two cores still get one worker: decoding and augmenting in the main process runs those small per-image
-    ops under the model's intra-op threads, which measured 2–4× slower than a one-thread worker on a busy
-    2-core machine (train transform at 224 px: 11–48 img/s in-process vs 130–190 img/s with 1–2 workers).
-
-    >>> auto_num_workers(1), auto_num_workers(2), auto_num_workers(16)
-    (0, 1, 8)
-    """
-    if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS, Windows
-            cpus = os.cpu_count() or 1
-    return 0 if cpus <= 1 else min(cpus - 1, 8)
 
 
 def seed_worker(worker_id: int) -> None:

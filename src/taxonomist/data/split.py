@@ -1,8 +1,10 @@
 """`split_dataset`: seeded, stratified train/val/test splits, K folds grouped by image, whole taxa held out
 as `ood`, and per-class filters for balanced or smoke-test subsets; written as `split`/`fold` columns.
+`split_rows` reads them back: the training and validation rows of a config.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -11,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from taxonomist.data.dataset import ANNOTATIONS, TAXONOMY, load_dataset, write_annotations
+from taxonomist.config import Config
+from taxonomist.data.dataset import ANNOTATIONS, TAXONOMY, Dataset, load_dataset, write_annotations
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.taxonomy import Taxonomy
 from taxonomist.utils.files import atomic_write_bytes
@@ -173,6 +176,34 @@ def split_dataset(root: str | Path, val: float | None = None, test: float = 0.15
     table.columns.name = None
     return SplitSummary(path, table, fold_sizes, ood_names, sorted(ood_labels), dropped,
                         sorted(labels_before - set(frame["label"])), seed)
+
+
+def write_solution(root: str | Path, out: str | Path, split: str = "test") -> int:
+    """Write the true names of a split's rows as a Kaggle solution file (`annotation_id,concept_name`), the
+    SOLUTION.csv that `taxonomist score` compares a submission with; returns the number of rows.
+
+    >>> split_dataset("data/synth", test=0.15)                      # doctest: +SKIP
+    >>> write_solution("data/synth", "solution.csv")                # doctest: +SKIP
+    144
+    """
+    from taxonomist.data.dataset import read_annotations
+
+    root = Path(root)
+    source = root / ANNOTATIONS if root.is_dir() else root
+    out = Path(out)
+    if out.resolve() in {source.resolve(), source.with_name(TAXONOMY).resolve()}:
+        raise ConfigError(f"{out}: is the dataset's own {out.name}; give another file for the solution")
+    frame = read_annotations(source)
+    missing = [c for c in ("annotation_id", "split") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: a solution file needs the {' and '.join(missing)} column(s) "
+                        f"(header: {','.join(frame.columns)})")
+    rows = frame[(frame["split"] == split) & (frame["label"] != "")]
+    if rows.empty:
+        raise DataError(f"{source}: no labelled {split} rows to write a solution from")
+    table = pd.DataFrame({"annotation_id": rows["annotation_id"], "concept_name": rows["label"]})
+    atomic_write_bytes(out, table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+    return len(table)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -361,4 +392,59 @@ def _rebase(paths: pd.Series, root: Path, out_dir: Path) -> pd.Series:
     return paths.map(one)
 
 
-__all__ = ["SplitSummary", "split_dataset", "SPLIT_ORDER"]
+# ------------------------------------------------------------------------------------------- reading splits
+def split_rows(dataset: Dataset, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training and validation rows of `dataset` as `train` reads them (calibration and evaluation rebuild
+    them the same way): the `split` column, a `fold` column with data.fold, or a seeded stratified split of
+    the labelled rows (data.val_fraction, train.seed)."""
+    frame = dataset.annotations
+    frame = frame[frame["label"] != ""]
+    fold = cfg.data.fold
+    if fold < 0 and "fold" in frame.columns and not ("split" in frame.columns and (frame["split"] == "val").any()):
+        # a K-fold dataset has no val rows: validate on its first fold unless told otherwise
+        values = sorted({int(v) for v in frame["fold"] if v not in ("", "-1")})
+        if values:
+            fold = values[0]
+            warnings.warn(f"{dataset.root}: no val rows; validating on fold {fold} (set data.fold, or train "
+                          "every fold with --kfold)", stacklevel=2)
+    if fold >= 0:
+        cfg = copy.deepcopy(cfg)
+        cfg.data.fold = fold
+        if "fold" not in frame.columns:
+            raise DataError(f"{dataset.root}: data.fold={cfg.data.fold} but annotations.csv has no 'fold' column; "
+                            "run `taxonomist data split --folds K`")
+        in_folds = frame[frame["fold"] != ""]
+        if "split" in frame.columns:
+            in_folds = in_folds[in_folds["split"].isin(["train", "val", ""])]
+        val = in_folds[in_folds["fold"] == str(cfg.data.fold)]
+        if val.empty:
+            raise DataError(f"{dataset.root}: fold {cfg.data.fold} has no rows")
+        return in_folds[in_folds["fold"] != str(cfg.data.fold)], val
+    if "split" in frame.columns and (frame["split"] == "train").any():
+        train, val = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
+        if val.empty:
+            raise DataError(f"{dataset.root}: annotations.csv has a split column but no 'val' rows")
+        return train, val
+    rng = np.random.default_rng(cfg.train.seed)
+    val_idx = []
+    for _, group in frame.groupby("label", sort=True):
+        n_val = int(round(len(group) * cfg.data.val_fraction))
+        if len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        else:
+            n_val = 0
+        val_idx.extend(rng.choice(group.index.to_numpy(), size=n_val, replace=False).tolist())
+    val = frame.loc[sorted(val_idx)]
+    return frame.drop(index=val_idx), val
+
+
+def trainable_labels(dataset: Dataset) -> set[str]:
+    """Labels of the rows that training may see (every split but `test` and `ood`)."""
+    frame = dataset.annotations
+    frame = frame[frame["label"] != ""]
+    if "split" in frame.columns:
+        frame = frame[~frame["split"].isin(["test", "ood"])]
+    return set(frame["label"])
+
+
+__all__ = ["SplitSummary", "split_dataset", "split_rows", "trainable_labels", "SPLIT_ORDER"]

@@ -33,6 +33,7 @@ BODY_PLANS = ("radial", "fish", "medusa", "branching", "sponge", "worm")
 TEXTURES = ("plain", "stripes", "spots", "rings", "mottled", "band")
 SUBSTRATES = ("sand", "mud", "rock", "rubble")
 IMAGE_FORMATS = ("jpg", "png")
+BOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 _PLAN_SUFFIX = {"radial": "astera", "fish": "ichthya", "medusa": "omedusae", "branching": "anthozoa",
                 "sponge": "ospongia", "worm": "helminthes"}
 _SESSILE = {"branching", "sponge", "radial"}  # plans whose families mostly live on the sea floor
@@ -155,12 +156,13 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
                 rng = np.random.default_rng([seed, 2, li, k])
                 leaf = leaves[rng.choice(len(leaves), p=weights)]
                 look = _individual(rng, nodes[leaf].traits["look"], difficulty)
-                roi, ctx = _render_example(rng, look, image_size, difficulty, context)
+                roi, ctx, box = _render_example(rng, look, image_size, difficulty, context)
                 name = f"{k:0{width}d}.{image_format}"
                 row = {"path": f"images/{slug}/{name}", "label": nodes[label].name}
                 _save_image(roi, out / row["path"], image_format)
                 if context:
                     row["context_path"] = f"context/{slug}/{name}"
+                    row.update(zip(BOX_COLUMNS, (f"{v:g}" for v in box)))
                     _save_image(ctx, out / row["context_path"], image_format)
                 rows.append(row)
                 bar.update(1)
@@ -170,7 +172,8 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
     frame = pd.DataFrame(rows)
     frame.insert(0, "annotation_id", [str(i + 1) for i in range(len(frame))])
     frame.insert(1, "image_id", frame["annotation_id"])  # one organism per frame
-    frame = frame[["path", "label", "image_id", "annotation_id"] + (["context_path"] if context else [])]
+    # with context the scene is the frame (image_id) and the bbox columns the ROI's box in it, as `data prepare` writes
+    frame = frame[["path", "label", "image_id", "annotation_id"] + (["context_path", *BOX_COLUMNS] if context else [])]
     write_taxonomy(taxonomy, out / TAXONOMY)
     write_annotations(frame, out / ANNOTATIONS)
     per_rank: dict[str, int] = {}
@@ -721,7 +724,8 @@ def _scene(rng: np.random.Generator, look: _Look, size: int, difficulty: float) 
 
 
 def _render_example(rng: np.random.Generator, look: _Look, size: int, difficulty: float, context: bool):
-    """The ROI image and, when asked, its context scene (twice the size, the organism small in it)."""
+    """The ROI image and, when asked, its context scene (twice the size, the organism small in it) and the ROI's
+    box in that scene (x, y, w, h; clipped to the scene): the window that frames the organism as the ROI does."""
     angle = float(rng.uniform(0, 2 * math.pi))
     mirror = bool(rng.random() < 0.5)
     scale = float(rng.uniform(0.4, 1.0))  # organism diameter as a share of the frame
@@ -736,7 +740,7 @@ def _render_example(rng: np.random.Generator, look: _Look, size: int, difficulty
     _snow(rng, img, 10 * difficulty)
     roi = _finish(rng, img, difficulty)
     if not context:
-        return roi, None
+        return roi, None, None
     big = 2 * size
     scene, top = _scene(rng, look, big, difficulty)
     r2 = radius * 0.5
@@ -744,7 +748,11 @@ def _render_example(rng: np.random.Generator, look: _Look, size: int, difficulty
     cx2, cy2 = rng.uniform(r2, big - r2), rng.uniform(min(lo_y, big - r2), big - r2)
     _paint_organism(scene, look, cx2, cy2, r2, angle, mirror, rng)
     _snow(rng, scene, 30 * difficulty)
-    return roi, _finish(rng, scene, difficulty)
+    # the organism is drawn at half its ROI scale: the ROI's window, halved, around the same centre
+    x0, y0 = max(0.0, cx2 - cx / 2), max(0.0, cy2 - cy / 2)
+    x1, y1 = min(float(big), cx2 + (size - cx) / 2), min(float(big), cy2 + (size - cy) / 2)
+    box = tuple(round(v, 1) for v in (x0, y0, x1 - x0, y1 - y0))
+    return roi, _finish(rng, scene, difficulty), box
 
 
 def _save_image(image: Image.Image, path: Path, image_format: str) -> None:

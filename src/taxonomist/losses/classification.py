@@ -76,10 +76,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
     logits = check_logits(logits)
     target = check_target(target, logits.shape[0], logits.shape[1])
     _check_fraction(label_smoothing, "loss.label_smoothing")
-    return _cross_entropy(logits, target, label_smoothing)
+    return cross_entropy_unchecked(logits, target, label_smoothing)
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def cross_entropy_unchecked(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """`cross_entropy` without its input checks: `TaxonLoss` checks its inputs once, when it is built, and calls
+    this at every step."""
     t = target_distribution(target, logits.shape[1], label_smoothing)
     return -(t * F.log_softmax(logits, dim=1)).sum(dim=1)
 
@@ -103,11 +105,13 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
         raise ConfigError(f"loss.focal_gamma must be >= 0, got {gamma!r}")
     if not alpha >= 0:
         raise ConfigError(f"loss.focal_alpha must be >= 0, got {alpha!r}")
-    return _focal_loss(logits, target, gamma, alpha, label_smoothing)
+    return focal_loss_unchecked(logits, target, gamma, alpha, label_smoothing)
 
 
-def _focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float,
-                label_smoothing: float) -> torch.Tensor:
+def focal_loss_unchecked(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float,
+                         label_smoothing: float) -> torch.Tensor:
+    """`focal_loss` without its input checks: `TaxonLoss` checks its inputs once, when it is built, and calls
+    this at every step."""
     t = target_distribution(target, logits.shape[1], label_smoothing)
     logp = F.log_softmax(logits, dim=1)
     if gamma == 0:
@@ -132,10 +136,12 @@ def soft_label_loss(logits: torch.Tensor, target: torch.Tensor, soft_labels: tor
     if tuple(soft_labels.shape) != (logits.shape[1],) * 2:
         raise ConfigError(f"soft-label matrix has shape {tuple(soft_labels.shape)}, "
                           f"expected ({logits.shape[1]}, {logits.shape[1]})")
-    return _soft_label_loss(logits, target, soft_labels)
+    return soft_label_loss_unchecked(logits, target, soft_labels)
 
 
-def _soft_label_loss(logits: torch.Tensor, target: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
+def soft_label_loss_unchecked(logits: torch.Tensor, target: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
+    """`soft_label_loss` without its input checks: `TaxonLoss` checks its inputs once, when it is built, and calls
+    this at every step."""
     q = rows_for(soft_labels, target)
     return -(q * F.log_softmax(logits, dim=1)).sum(dim=1)
 

@@ -33,8 +33,10 @@ def expected_distance(probs: torch.Tensor, target: torch.Tensor, distance) -> to
     if tuple(d.shape) != (n, n):
         raise ConfigError(f"distance matrix has shape {tuple(d.shape)}, expected ({n}, {n}) for {n} labels")
     target = check_target(target, probs.shape[0], n)
-    return _expected_distance(probs.float(), target, d)
+    return expected_distance_unchecked(probs.float(), target, d)
 
 
-def _expected_distance(probs: torch.Tensor, target: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+def expected_distance_unchecked(probs: torch.Tensor, target: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """`expected_distance` without its input checks: `TaxonLoss` checks its inputs once, when it is built, and calls
+    this at every step."""
     return (rows_for(distance, target) * probs).sum(dim=1)

@@ -85,11 +85,14 @@ def rank_loss(level_logits: torch.Tensor, target: torch.Tensor, level: Level, la
         raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing!r}")
     dev = level_logits.device
     mapping = torch.as_tensor(np.asarray(level.label_to_node, dtype=np.int64), device=dev)
-    return _rank_loss(level_logits, target.to(dev), mapping, matrix.to(dev), label_smoothing, sample_weight)
+    return rank_loss_unchecked(level_logits, target.to(dev), mapping, matrix.to(dev), label_smoothing, sample_weight)
 
 
-def _rank_loss(level_logits: torch.Tensor, target: torch.Tensor, label_to_node: torch.Tensor,
-               matrix: torch.Tensor, label_smoothing: float, sample_weight: torch.Tensor | None) -> torch.Tensor:
+def rank_loss_unchecked(level_logits: torch.Tensor, target: torch.Tensor, label_to_node: torch.Tensor,
+                        matrix: torch.Tensor, label_smoothing: float,
+                        sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """`rank_loss` without its input checks: `TaxonLoss` checks its inputs once, when it is built, and calls
+    this at every step."""
     t, mass = level_targets(target, label_to_node, matrix)
     n = level_logits.shape[1]
     if label_smoothing:
@@ -120,10 +123,13 @@ def consistency_loss(label_logits: torch.Tensor, level_logits: torch.Tensor, lev
     if level_logits.shape[0] != label_logits.shape[0]:
         raise ModelError(f"rank_logits[{level.name!r}] has {level_logits.shape[0]} rows for a batch of "
                          f"{label_logits.shape[0]}")
-    return _consistency(label_logits.softmax(dim=1), level_logits, matrix.to(label_logits.device))
+    return consistency_loss_unchecked(label_logits.softmax(dim=1), level_logits, matrix.to(label_logits.device))
 
 
-def _consistency(label_probs: torch.Tensor, level_logits: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+def consistency_loss_unchecked(label_probs: torch.Tensor, level_logits: torch.Tensor,
+                               matrix: torch.Tensor) -> torch.Tensor:
+    """`consistency_loss` without its input checks: `TaxonLoss` checks its inputs once, when it is built, and calls
+    this at every step."""
     agg = label_probs @ matrix
     mass = agg.sum(dim=1)
     log_agg = agg.clamp(min=_TINY).log() - mass.clamp(min=_TINY).log()[:, None]

@@ -13,10 +13,10 @@ from torch import nn
 
 from taxonomist.config import LossConfig
 from taxonomist.errors import ConfigError, ModelError
-from taxonomist.losses.classification import (_cross_entropy, _focal_loss, _soft_label_loss, check_logits,
-                                              check_target, rows_for)
-from taxonomist.losses.distance import _expected_distance
-from taxonomist.losses.hierarchical import _consistency, _rank_loss, level_matrix
+from taxonomist.losses.classification import (check_logits, check_target, cross_entropy_unchecked,
+                                              focal_loss_unchecked, rows_for, soft_label_loss_unchecked)
+from taxonomist.losses.distance import expected_distance_unchecked
+from taxonomist.losses.hierarchical import consistency_loss_unchecked, level_matrix, rank_loss_unchecked
 from taxonomist.losses.weights import CLASS_WEIGHT_MODES, check_distance, class_weights, soft_label_targets
 from taxonomist.taxonomy import Level, Taxonomy
 
@@ -153,7 +153,7 @@ class TaxonLoss(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         terms[self.name] = batch_mean(self._main(logits, target, buffers))
-        terms["distance"] = batch_mean(_expected_distance(logits.softmax(dim=1), target, buffers["distance"]))
+        terms["distance"] = batch_mean(expected_distance_unchecked(logits.softmax(dim=1), target, buffers["distance"]))
         total = terms[self.name] + self.distance_weight * terms["distance"]
 
         streams = outputs.get("stream_logits") or {}
@@ -182,9 +182,10 @@ class TaxonLoss(nn.Module):
                 r_logits = check_logits(r_logits, len(lv.nodes), what=f"rank_logits[{key!r}]")
                 _check_batch(r_logits, logits, f"rank_logits[{key!r}]")
                 mapping, matrix = buffers[f"_level{i}_map"], buffers[f"_level{i}_matrix"]
-                terms[f"rank/{key}"] = _rank_loss(r_logits, target, mapping, matrix, self.label_smoothing, weight)
+                terms[f"rank/{key}"] = rank_loss_unchecked(r_logits, target, mapping, matrix, self.label_smoothing,
+                                                           weight)
                 total = total + self.rank_weights[key] * terms[f"rank/{key}"]
-                consistency.append(_consistency(probs, r_logits, matrix))
+                consistency.append(consistency_loss_unchecked(probs, r_logits, matrix))
             terms["consistency"] = torch.stack(consistency).mean()
             total = total + self.consistency_weight * terms["consistency"]
         terms["total"] = total
@@ -192,10 +193,10 @@ class TaxonLoss(nn.Module):
 
     def _main(self, logits: torch.Tensor, target: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.name == "ce":
-            return _cross_entropy(logits, target, self.label_smoothing)
+            return cross_entropy_unchecked(logits, target, self.label_smoothing)
         if self.name == "focal":
-            return _focal_loss(logits, target, self.focal_gamma, self.focal_alpha, self.label_smoothing)
-        return _soft_label_loss(logits, target, buffers["soft_labels"])
+            return focal_loss_unchecked(logits, target, self.focal_gamma, self.focal_alpha, self.label_smoothing)
+        return soft_label_loss_unchecked(logits, target, buffers["soft_labels"])
 
     def _buffers_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         # the training loop may move the model and forget the loss, or cast it with the model; follow the

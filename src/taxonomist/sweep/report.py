@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from taxonomist.report.figures import COLORS, figure_uri
-from taxonomist.report.html import _num
+from taxonomist.report.html import format_number
 from taxonomist.utils.files import atomic_write_text
 
 STATE_ORDER = {"complete": 0, "pruned": 1, "running": 2, "fail": 3, "interrupted": 4}
@@ -182,7 +182,8 @@ def _ranked(rows: list[dict], direction: str, params: list[str], best_trial: int
     out = []
     for k, r in enumerate(sorted(rows, key=key), 1):
         out.append({"rank": k if r["state"] == "complete" else "", "trial": r["trial"], "state": r["state"],
-                    "value": _num(r["value"], 4) if r["value"] is not None else "–", "best": r["trial"] == best_trial,
+                    "value": format_number(r["value"], 4) if r["value"] is not None else "–",
+                    "best": r["trial"] == best_trial,
                     "epochs": f"{r['epochs']}/{r['planned_epochs']}" if r["planned_epochs"] else str(r["epochs"]),
                     "seconds": f"{r['seconds']:.1f}" if r["seconds"] is not None else "–",
                     "params": [_param(r["params"].get(p)) for p in params], "note": r["note"]})
@@ -201,7 +202,6 @@ def render_sweep_report(study, result) -> str:
     import matplotlib
     from jinja2 import Environment, StrictUndefined
     from taxonomist import __version__
-    from taxonomist.sweep.run import METRICS
 
     rows, metric, direction = result.rows, result.metric, result.direction
     params = list(dict.fromkeys(k for r in rows for k in r["params"]))
@@ -209,7 +209,7 @@ def render_sweep_report(study, result) -> str:
     saved, planned = result.epochs_saved()
     best = result.best
     cards = [
-        {"label": f"best {metric}", "value": _num(best["value"], 4) if best else "–",
+        {"label": f"best {metric}", "value": format_number(best["value"], 4) if best else "–",
          "text": f"Validation {metric} of trial {best['trial']}'s best checkpoint." if best else "No trial completed."},
         {"label": "trials", "value": str(len(rows)),
          "text": ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: STATE_ORDER.get(kv[0], 9)))},
@@ -225,10 +225,12 @@ def render_sweep_report(study, result) -> str:
         except (OSError, ValueError, RecursionError):
             m = None
         if isinstance(m, dict):
-            per_rank = [{"level": level, "n": _num(v.get("n")), "top1": _num(v.get("top1")),
-                         "top5": _num(v.get("top5")), "macro_f1": _num(v.get("macro_f1")),
-                         "avg_confidence": _num(v.get("avg_confidence"))} for level, v in m.get("per_rank", {}).items()]
-            best_metrics = {k: _num(m.get(k), 4) for k in ("mhd", "top1", "log_loss")} | {"n": _num(m.get("n"))}
+            per_rank = [{"level": level, "n": format_number(v.get("n")), "top1": format_number(v.get("top1")),
+                         "top5": format_number(v.get("top5")), "macro_f1": format_number(v.get("macro_f1")),
+                         "avg_confidence": format_number(v.get("avg_confidence"))}
+                        for level, v in m.get("per_rank", {}).items()]
+            best_metrics = ({k: format_number(m.get(k), 4) for k in ("mhd", "top1", "log_loss")}
+                            | {"n": format_number(m.get("n"))})
         elif best.get("note"):  # its evaluation after training failed: ranked by the training metric
             per_rank_note = f"The best trial has no metrics.json: {best['note']}"
         else:
@@ -237,14 +239,14 @@ def render_sweep_report(study, result) -> str:
     with warnings.catch_warnings(), matplotlib.rc_context({"font.family": "DejaVu Sans"}):
         warnings.simplefilter("ignore")
         figs = {"history_fig": history_figure(rows, metric, direction),
-                "curves_fig": curves_figure(rows, METRICS[metric][0]),
+                "curves_fig": curves_figure(rows, result.step_column),
                 "importance_fig": importance_figure(importances) if importances else None}
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(TEMPLATE).render(
         study=result.study_name, metric=metric, direction=direction, style=_style(), cards=cards,
         trials=_ranked(rows, direction, params, best["trial"] if best else None), params=params,
         trials_dir=str(result.out_dir / "trials"), importance_note=importance_note,
-        n_complete=counts.get("complete", 0), step_column=METRICS[metric][0],
+        n_complete=counts.get("complete", 0), step_column=result.step_column,
         pruner=type(study.pruner).__name__.replace("Pruner", "").lower() or "no", best=best,
         per_rank=per_rank, best_metrics=best_metrics, per_rank_note=per_rank_note,
         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__, **figs)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from taxonomist.config import Config, load_config
 from taxonomist.errors import ConfigError
-from taxonomist.sweep.space import Parameter, _optuna, grid, overrides, suggest_values
+from taxonomist.sweep.space import Parameter, grid, import_optuna, overrides, suggest_values
 from taxonomist.utils.files import atomic_write_text
 
 #: --metric → (the metrics.csv column reported each epoch for pruning, the study's direction). The trial's
@@ -43,6 +43,11 @@ class SweepResult:
     rows: list[dict]                       # trials.csv rows, by trial number
     best: dict | None                      # the best complete trial's row
     files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def step_column(self) -> str:
+        """The metrics.csv column that trials report each epoch for `metric` (what the pruner compares)."""
+        return METRICS[self.metric][0]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -77,7 +82,7 @@ def _redact(url: str) -> str:
 def open_storage(storage: str | None, out_dir: Path):
     """The embedded default (an Optuna journal file in OUT, safe for several processes on one disk), a
     journal file at a given path, or a database URL (`sqlite:///…`, `postgresql://…`, `mysql://…`)."""
-    optuna = _optuna()
+    optuna = import_optuna()
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     if storage and "://" in storage:
         import warnings
@@ -132,7 +137,7 @@ def counts_toward_total(trial) -> bool:
 
 # ---------------------------------------------------------------------------------------------- study
 def _sampler(name: str, params: list[Parameter], seed: int | None):
-    optuna = _optuna()
+    optuna = import_optuna()
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "random":
@@ -143,7 +148,7 @@ def _sampler(name: str, params: list[Parameter], seed: int | None):
 
 
 def _pruner(name: str, params: list[Parameter], base: Config):
-    optuna = _optuna()
+    optuna = import_optuna()
     if name == "median":
         # the first 3 trials run to the end to set the bar; no trial is judged on its first epoch alone
         # (steps are 1-based epochs; Optuna prunes from step == n_warmup_steps)
@@ -160,7 +165,7 @@ def _pruner(name: str, params: list[Parameter], base: Config):
 
 def open_study(storage, name: str, metric: str, sampler, pruner, embedded: bool):
     """Create the study, or load it to continue; a study made for another metric is an error."""
-    optuna = _optuna()
+    optuna = import_optuna()
     direction = METRICS[metric][1]
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if embedded and existing and name not in existing:
@@ -202,15 +207,32 @@ def training_value(trained, metric: str) -> float:
     return float(row[column])
 
 
+class PruneTrial:
+    """The sweep's training callback (`train.callbacks.Callback`, its `on_epoch_end` only): reports each epoch's
+    `column` to the trial and stops a trial the pruner gives up on (`optuna.TrialPruned`, which leaves its run
+    directory resumable)."""
+
+    def __init__(self, trial, column: str, epochs: int):
+        self.trial, self.column, self.epochs = trial, column, epochs
+
+    def on_epoch_end(self, run, row: dict) -> None:
+        epoch = int(row["epoch"])
+        self.trial.report(float(row[self.column]), epoch)
+        # after the last epoch there is nothing left to save: the trial completes and keeps its value
+        # (Hyperband would otherwise mark a fully trained trial as pruned, out of the ranking)
+        if epoch < self.epochs and self.trial.should_prune():
+            optuna = import_optuna()
+            raise optuna.TrialPruned(f"{self.column} {row[self.column]:.4f} after epoch {epoch}")
+
+
 def make_objective(base: Config, params: list[Parameter], out_dir: Path, metric: str, log: Callable[[str], None]):
-    """The function Optuna calls for a trial: one `train` run, then an evaluation of its best checkpoint on the
-    validation rows; the value is `metric` from that evaluation."""
-    optuna = _optuna()
+    """The function Optuna calls for a trial: `taxonomist.fit` without calibration and report — one training run,
+    then an evaluation of its best checkpoint on the validation rows; the value is `metric` from that evaluation."""
+    optuna = import_optuna()
     step_column = METRICS[metric][0]
 
     def objective(trial) -> float:
-        from taxonomist.pipeline import finish_run
-        from taxonomist.train import train
+        from taxonomist.pipeline import fit
 
         values = suggest_values(trial, params)
         run_dir = out_dir / TRIALS_DIR / f"{trial.number:04d}"
@@ -221,19 +243,14 @@ def make_objective(base: Config, params: list[Parameter], out_dir: Path, metric:
             cfg = trial_config(base, values, run_dir)
             trial.set_user_attr("planned_epochs", cfg.train.epochs)
 
-            def on_epoch(epoch: int, row: dict) -> None:
-                trial.report(float(row[step_column]), epoch)
-                # after the last epoch there is nothing left to save: the trial completes and keeps its value
-                # (Hyperband would otherwise mark a fully trained trial as pruned, out of the ranking)
-                if epoch < cfg.train.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"{step_column} {row[step_column]:.4f} after epoch {epoch}")
+            pruning = PruneTrial(trial, step_column, cfg.train.epochs)
 
             def train_log(message: str) -> None:
                 if message.startswith("warning"):
                     log(f"trial {trial.number}: {message}")
 
-            trained = train(cfg, progress=False, log=train_log, on_epoch=on_epoch)
-            done = finish_run(run_dir, cfg, ("evaluate",), split="val", log=lambda _: None)
+            done = fit(cfg, calibrate=False, report=False, split="val", log=train_log, callbacks=[pruning])
+            trained = done.training
             if done.failure is None:
                 value = float(done.evaluation.metrics[metric])
             else:  # the model is trained: rank it by what training measured on the same validation rows
@@ -331,7 +348,7 @@ def run_sweep(base: Config, params: list[Parameter], n_trials: int, out_dir: str
     >>> space = parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}})                   # doctest: +SKIP
     >>> run_sweep(load_config("base.yaml"), space, 8, "sweeps/lr").summary()              # doctest: +SKIP
     """
-    optuna = _optuna()
+    optuna = import_optuna()
     from optuna.trial import TrialState
     from tqdm import tqdm
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taxonomist.config import Config, _coerce, check_range, value_type
+from taxonomist.config import Config, check_range, coerce_value, value_type
 from taxonomist.errors import ConfigError
 from taxonomist.taxonomy.core import suggest
 from taxonomist.utils.safe_parse import read_yaml
@@ -32,7 +32,8 @@ class Parameter:
     distribution: Any       # an optuna.distributions.BaseDistribution
 
 
-def _optuna():
+def import_optuna():
+    """The optuna module, or a ConfigError saying how to install it (an optional extra)."""
     try:
         import optuna
     except ImportError:
@@ -87,7 +88,7 @@ def _number(value: Any, key: str, source: str, integer: bool = False) -> float |
 
 
 def _parameter(key: str, spec: Any, hint: Any, source: str) -> Parameter:
-    dist = _optuna().distributions
+    dist = import_optuna().distributions
     example = f"e.g. {key}: {{choice: [a, b]}} or {{uniform: [0, 1]}}"
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{source}: {key}: expected one of {', '.join(KINDS)} with its range, {example}")
@@ -106,7 +107,7 @@ def _parameter(key: str, spec: Any, hint: Any, source: str) -> Parameter:
                 raise ConfigError(f"{source}: {key}: choice values must be numbers, text or booleans, not {v!r} "
                                   "(write a pair as text: \"0.2,1.0\")")
             try:
-                check_range(key, _coerce(v, hint, key))
+                check_range(key, coerce_value(v, hint, key))
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
         if len(set(map(repr, args))) != len(args):

@@ -1,4 +1,4 @@
-"""Training: the loop (`train`), checkpoints, K-fold driver, inference over a loader."""
-from taxonomist.train.loop import TrainResult, select_device, train
+"""Training: the loop (`train`), one training step, checkpoints, the K-fold driver, the head warm-up."""
+from taxonomist.train.loop import TrainResult, train
 
-__all__ = ["TrainResult", "select_device", "train"]
+__all__ = ["TrainResult", "train"]

@@ -92,7 +92,7 @@ def warm_up_head(model, loader, criterion, device, epochs: int, seed: int = 0, a
     import torch
     from torch import nn
 
-    from taxonomist.train.inference import run_inference
+    from taxonomist.inference.forward import run_inference
 
     start = time.time()
     res = run_inference(model, loader, device, amp=amp, progress=False, desc="head warm-up")

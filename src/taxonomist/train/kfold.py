@@ -17,7 +17,8 @@ from taxonomist.data.augment_presets import describe_augment, resolve_augment
 from taxonomist.data.dataset import load_dataset
 from taxonomist.errors import DataError
 from taxonomist.taxonomy import distance_matrix
-from taxonomist.train.loop import TrainResult, split_rows, train
+from taxonomist.data.split import split_rows
+from taxonomist.train.loop import TrainResult, train
 from taxonomist.utils.files import atomic_path, atomic_write_text
 
 
@@ -49,7 +50,7 @@ def fold_values(dataset) -> list[int]:
 def train_kfold(cfg: Config, progress: bool = True, resume: bool = False, log=print) -> KFoldResult:
     """Train `out/fold_K` for every fold K and write `out/oof_predictions.csv` and `out/oof_logits.npy`."""
     from taxonomist.train.checkpoint import load_checkpoint
-    from taxonomist.train.inference import run_inference
+    from taxonomist.inference.forward import run_inference
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
 
     dataset = load_dataset(cfg.data.root, cfg.data.taxonomy or None)

@@ -1,4 +1,5 @@
-"""The training loop: one readable function from a Config to a run directory.
+"""The training loop: `train()` from a Config to a run directory, in stages — prepare the run, then per epoch
+train, validate, record and save — with callbacks (train/callbacks.py) for everything that only watches.
 
 AdamW + warmup/cosine (or plateau), gradient accumulation and clipping, bf16 autocast on CUDA, EMA,
 MixUp/CutMix, model selection on validation mean hierarchical distance, early stopping, resumable at
@@ -6,28 +7,31 @@ epoch boundaries, DDP through torchrun (rank 0 writes).
 """
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import math
-import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from taxonomist.config import Config
 from taxonomist.data.augment_presets import check_preset, describe_augment, resolve_augment, saved_augment
-from taxonomist.data.dataset import Dataset, load_dataset
+from taxonomist.data.dataset import load_dataset
+from taxonomist.data.split import split_rows, trainable_labels
 from taxonomist.errors import ConfigError, DataError
+from taxonomist.runtime import configure_threads, distributed_info, select_device
 from taxonomist.taxonomy import default_metric, distance_matrix, write_taxonomy
+from taxonomist.train.callbacks import BatchEnd, Callback, CallbackList, EpochHook, standard_callbacks
 from taxonomist.train.checkpoint import (check_resume_config, load_resume_state, save_checkpoint,
                                          save_resume_state, taxonomy_to_json)
 from taxonomist.train.head_warmup import check_head_warmup, freeze_bn_stats, head_warmup_reason, warm_up_head
+from taxonomist.train.progress import training_plan
+from taxonomist.train.step import lr_lambda
 from taxonomist.utils.files import atomic_write_text
 from taxonomist.utils.run_status import update_status
 
@@ -47,179 +51,11 @@ class TrainResult:
     warmup_metrics: dict | None = None   #: val metrics of the warmed-up head (best_epoch 0 when nothing beat it)
 
 
-def select_device(name: str = "auto"):
-    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
-    import torch
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device=mps but MPS is not available (use auto or cpu)")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ConfigError(f"unknown train.device {name!r}; use auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
-#: share of one core a loader worker keeps busy while the model trains on the CPU: a worker decodes and
-#: augments an image in a few ms against tens of ms of model time (docs/performance.md, "The CPU thread
-#: policy"), so it never needs a whole core of its own; torch keeps the rest.
-LOADER_CORE_SHARE = 0.5
-
-
-def cpu_threads_for(cores: int, workers: int, world: int = 1, busy: int = 0) -> int:
-    """Intra-op threads that leave the loader workers the cores they actually use, and other programs the
-    cores they are busy on: cores − ⌊workers × share⌋ − busy, at least one.
-
-    A worker needs a fraction of a core (`LOADER_CORE_SHARE`); reserving a whole core for it left half of a
-    2-core machine idle (Lite0 at 224 px trained at 7.5 img/s with 1 thread, 13.8 img/s with 2 beside the
-    worker). A core another program keeps busy is worse than idle for an OpenMP thread: the thread that loses
-    it holds up the others at every barrier (docs/performance.md).
-
-    >>> cpu_threads_for(2, 1), cpu_threads_for(4, 3), cpu_threads_for(16, 8), cpu_threads_for(1, 0)
-    (2, 3, 12, 1)
-    >>> cpu_threads_for(16, 4, world=2)  # two processes on one machine share its cores
-    6
-    >>> cpu_threads_for(2, 1, busy=1)  # another program is running on one of the two cores
-    1
-    """
-    per_process = max(1, cores // max(1, world))
-    return max(1, per_process - int(workers * LOADER_CORE_SHARE) - max(0, busy))
-
-
-def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
-    """Cores other programs keep busy right now: the median count of runnable tasks in /proc/loadavg over a
-    few samples, minus this one. 0 where /proc/loadavg is missing (macOS, Windows).
-
-    The instantaneous count, not the load average: the 1-minute average still counts a process that ended
-    seconds ago (the previous run of a script), and would cost the next run its threads.
-    """
-    import statistics
-    import time
-
-    counts = []
-    for i in range(samples):
-        try:
-            with open("/proc/loadavg") as f:
-                counts.append(int(f.read().split()[3].split("/")[0]))
-        except (OSError, ValueError, IndexError):
-            return 0
-        if i + 1 < samples:
-            time.sleep(interval)
-    return max(0, int(statistics.median(counts)) - 1)
-
-
-def configure_threads(threads: int, device, num_workers: int) -> int:
-    """CPU intra-op threads for training and inference: `threads` when set, else `cpu_threads_for` this
-    machine, its loader workers and the cores other programs are busy on (`busy_cores`) at the start.
-
-    On a dedicated 2-core machine that is 2 threads beside one loader worker; while another program runs, 1.
-    OMP_NUM_THREADS, when the user set it, wins over the automatic choice.
-    """
-    import torch
-    from taxonomist.data.loading import auto_num_workers
-    if device.type != "cpu":
-        return torch.get_num_threads()
-    tune_cpu_allocator()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        workers = auto_num_workers() if num_workers < 0 else num_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        torch.set_num_threads(cpu_threads_for(cores, workers, world, busy_cores()))
-    return torch.get_num_threads()
-
-
-def tune_cpu_allocator() -> None:
-    """Keep large CPU tensors from being page-faulted in again at every step (Linux).
-
-    glibc serves blocks above its mmap threshold with fresh mmaps and returns them on free, so every
-    forward/backward re-faults its activations: EfficientNet-Lite0 at 224 px, batch 32, one thread spent a
-    third of each training step in the kernel (3.5 M minor faults per 3 steps). Transparent huge pages for
-    torch's large allocations (`THP_MEM_ALLOC_ENABLE`, read at the first large allocation; the user's value
-    wins) and a higher mmap/trim threshold cut the faults ~25× and raised training from 5.7 to 6.9 img/s
-    (docs/performance.md). Numerics are unchanged; freed memory up to the trim threshold stays mapped.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 2 ** 20)   # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap and are reused
-        libc.mallopt(-1, 512 * 2 ** 20)  # M_TRIM_THRESHOLD: keep up to 512 MB of freed heap mapped
-    except (OSError, AttributeError):    # not glibc (musl, …): nothing to tune
-        pass
-
-
 def seed_everything(seed: int) -> None:
     import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def split_rows(dataset: Dataset, cfg: Config):
-    """Training and validation rows: the `split` column, a `fold` column with data.fold, or a seeded
-    stratified split of the labelled rows."""
-    frame = dataset.annotations
-    frame = frame[frame["label"] != ""]
-    fold = cfg.data.fold
-    if fold < 0 and "fold" in frame.columns and not ("split" in frame.columns and (frame["split"] == "val").any()):
-        # a K-fold dataset has no val rows: validate on its first fold unless told otherwise
-        values = sorted({int(v) for v in frame["fold"] if v not in ("", "-1")})
-        if values:
-            fold = values[0]
-            warnings.warn(f"{dataset.root}: no val rows; validating on fold {fold} (set data.fold, or train "
-                          "every fold with --kfold)", stacklevel=2)
-    if fold >= 0:
-        cfg = copy.deepcopy(cfg)
-        cfg.data.fold = fold
-        if "fold" not in frame.columns:
-            raise DataError(f"{dataset.root}: data.fold={cfg.data.fold} but annotations.csv has no 'fold' column; "
-                            "run `taxonomist data split --folds K`")
-        in_folds = frame[frame["fold"] != ""]
-        if "split" in frame.columns:
-            in_folds = in_folds[in_folds["split"].isin(["train", "val", ""])]
-        val = in_folds[in_folds["fold"] == str(cfg.data.fold)]
-        if val.empty:
-            raise DataError(f"{dataset.root}: fold {cfg.data.fold} has no rows")
-        return in_folds[in_folds["fold"] != str(cfg.data.fold)], val
-    if "split" in frame.columns and (frame["split"] == "train").any():
-        train, val = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
-        if val.empty:
-            raise DataError(f"{dataset.root}: annotations.csv has a split column but no 'val' rows")
-        return train, val
-    rng = np.random.default_rng(cfg.train.seed)
-    val_idx = []
-    for _, group in frame.groupby("label", sort=True):
-        n_val = int(round(len(group) * cfg.data.val_fraction))
-        if len(group) >= 2:
-            n_val = min(max(n_val, 1), len(group) - 1)
-        else:
-            n_val = 0
-        val_idx.extend(rng.choice(group.index.to_numpy(), size=n_val, replace=False).tolist())
-    val = frame.loc[sorted(val_idx)]
-    return frame.drop(index=val_idx), val
-
-
-def trainable_labels(dataset: Dataset) -> set[str]:
-    """Labels of the rows that training may see (every split but `test` and `ood`)."""
-    frame = dataset.annotations
-    frame = frame[frame["label"] != ""]
-    if "split" in frame.columns:
-        frame = frame[~frame["split"].isin(["test", "ood"])]
-    return set(frame["label"])
-
-
-def _distributed():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _context_scale(rows, uses_context: bool) -> str | None:
@@ -230,20 +66,6 @@ def _context_scale(rows, uses_context: bool) -> str | None:
     if not uses_context or "context_path" not in rows.columns:
         return None
     return context_scale(rows["context_path"].tolist())
-
-
-def _lr_lambda(cfg: Config, steps_per_epoch: int):
-    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
-    total = max(1, cfg.train.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.train.scheduler == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-    return factor
 
 
 def is_run_dir(folder: str | Path) -> bool:
@@ -294,26 +116,123 @@ def check_run_out(cfg: Config, resume: bool = False, force: bool = False, kfold:
                       "another out, or pass --force to write into it")
 
 
+@dataclass
+class TrainingRun:
+    """What the stages of `train()` share: the config, the process, the data, the model and its optimiser, and
+    the state that a resume restores (epoch, best metric, history). Callbacks receive it."""
+    cfg: Config
+    log: Callable[[str], object]
+    resume: bool
+    world: int
+    rank: int
+    device: Any
+    dataset: Any
+    taxonomy: Any
+    D: np.ndarray                     #: label × label distances of the decision metric (val MHD)
+    train_rows: Any
+    train_ds: Any
+    val_ds: Any
+    train_loader: Any
+    val_loader: Any
+    sampler: Any                      #: the DistributedSampler under torchrun, else None
+    model: Any
+    train_model: Any                  #: what runs forward: the model, compiled and/or DDP-wrapped
+    criterion: Any
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+    train_step: Any                   #: `train.step.TrainStep`
+    warm: bool                        #: the head was warmed up (LP-FT) before fine-tuning
+    base_meta: dict = dataclasses.field(default_factory=dict)  #: checkpoint metadata shared by every epoch
+    start_epoch: int = 0
+    global_step: int = 0
+    best: float = math.inf            #: sign × monitor of the best epoch (lower is better)
+    best_epoch: int = -1
+    stale: int = 0                    #: epochs since the monitor last improved
+    history: list = dataclasses.field(default_factory=list)
+    warm_metrics: dict | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def resume_file(self) -> Path:
+        return self.ckpt_dir / "last.state.pt"
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if MONITORS[self.cfg.train.monitor] == "min" else -1.0
+
+    @property
+    def amp(self) -> bool:
+        return self.cfg.train.amp and self.device.type == "cuda"
+
+    @property
+    def eval_model(self):
+        """The weights validated and saved: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
 def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, on_epoch=None,
-          force: bool = False) -> TrainResult:
+          force: bool = False, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train a model as `cfg` says and write the run directory of DESIGN.md (config, taxonomy, checkpoints,
     metrics.csv). Evaluation files (metrics.json, predictions.csv) are written by `taxonomist.evaluate`.
 
     `out` must be new, empty or a taxonomist run (`check_run_out`); `force` lets training write into another
     existing folder (never over the dataset's own files), `resume` continues the run there.
 
-    `on_epoch(epoch, row)`, when given, is called on rank 0 after each epoch's checkpoints and metrics.csv row
-    are written (`row`: that row as a dict); an exception it raises (e.g. a sweep pruning the trial) stops
-    training and propagates, leaving a run directory that `resume=True` can continue.
+    `callbacks` (`train.callbacks.Callback`) watch training on rank 0, after the progress output, TensorBoard
+    and W&B; one may stop training after an epoch. `on_epoch(epoch, row)` is the short form of a callback
+    (`EpochHook`): called after each epoch's checkpoints and metrics.csv row are written; an exception it raises
+    (e.g. a sweep pruning the trial) stops training and propagates, leaving a run that `resume=True` continues.
     """
-    import torch
+    check_train_config(cfg)
+    # every rank checks before the process group forms, so that no rank sees rank 0's first files
+    check_run_out(cfg, resume=resume, force=force)
+    hooks = CallbackList(standard_callbacks(progress, log) + list(callbacks)
+                         + ([EpochHook(on_epoch)] if on_epoch is not None else []))
+    run = None
+    try:
+        run = prepare_run(cfg, progress=progress, resume=resume, log=log)
+        hooks.on_train_start(run)
+        if run.warm and not resume:
+            validate_warmed_head(run)
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            trained = train_epoch(run, epoch, hooks)
+            row = epoch_row(run, epoch, trained, validate(run))
+            improved = record_epoch(run, row)
+            if run.is_main:
+                save_epoch(run, row, improved)
+                log(epoch_line(run, row, improved))
+            if everyone_agrees(hooks.on_epoch_end(run, row), run.world):
+                if run.is_main:
+                    log(f"training stopped by a callback after epoch {row['epoch']}/{cfg.train.epochs}")
+                break
+            if trained.out_of_steps:
+                break
+            if cfg.train.patience and run.stale >= cfg.train.patience:
+                if run.is_main:
+                    log(f"early stopping: {cfg.train.monitor} did not improve for {run.stale} epochs")
+                break
+    finally:  # the one cleanup, whether training finished, stopped or failed
+        if run is not None:
+            for loader in (run.train_loader, run.val_loader):
+                loader.close()
+            hooks.on_train_end(run)
+    return finish_training(run)
 
-    from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms, class_counts
-    from taxonomist.losses import build_loss
-    from taxonomist.models import build_model, model_metadata
-    from taxonomist.train.inference import run_inference
-    from taxonomist.train.step import TrainStep, build_optimizer
 
+def check_train_config(cfg: Config) -> None:
+    """Refuse a config `train` cannot run, before anything is read or written."""
     if cfg.train.monitor not in MONITORS:
         raise ConfigError(f"train.monitor {cfg.train.monitor!r}: choose one of {', '.join(MONITORS)}")
     check_head_warmup(cfg.train.head_warmup)
@@ -326,9 +245,19 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         raise ConfigError("data.root is not set: pass --set data.root=DATASET_DIR (or data: {root: …} in the YAML)")
     check_preset(cfg.augment.preset)
 
-    # every rank checks before the process group forms, so that no rank sees rank 0's first files
-    check_run_out(cfg, resume=resume, force=force)
-    world, rank, local_rank = _distributed()
+
+def prepare_run(cfg: Config, *, progress: bool, resume: bool, log) -> TrainingRun:
+    """Everything before the first epoch: the process (device, DDP, seeds, threads), the data and its split, the
+    loaders, the model, loss, head warm-up, optimiser and schedule, the run directory's config.yaml, taxonomy.csv
+    and run.json, and with `resume` the state of the last finished epoch."""
+    import torch
+
+    from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms, class_counts
+    from taxonomist.losses import build_loss
+    from taxonomist.models import build_model, model_metadata
+    from taxonomist.train.step import TrainStep, build_optimizer
+
+    world, rank, local_rank = distributed_info()
     is_main = rank == 0
     device = select_device(cfg.train.device)
     if world > 1:
@@ -343,7 +272,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.train.seed + rank)
-    configure_threads(cfg.train.threads, device, cfg.data.num_workers)
+    threads = configure_threads(cfg.train.threads, device, cfg.data.num_workers)
 
     # ---- data and taxonomy
     with warnings.catch_warnings(record=True) as caught:
@@ -378,6 +307,8 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
             raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
         if resume:  # before config.yaml is rewritten: a resume with another model or data must not touch the run
             check_resume_config(run_dir, _model_config_dict(cfg), taxonomy)
+    if is_main:  # before the model's weights load: a log shows at once what runs, on what, into where
+        log(training_plan(cfg, dataset.root, train_rows, len(val_rows), len(labels), device, threads, world))
     # augmentation strength from augment.preset and the budget, once; config.yaml records the resolved values
     budget = {"epochs": cfg.train.epochs, "train_images": len(train_rows),
               "saved": saved_augment(run_dir) if resume else None}
@@ -385,7 +316,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         log(describe_augment(cfg.augment, **budget))
     cfg = dataclasses.replace(cfg, augment=resolve_augment(cfg.augment, **budget))
 
-    # ---- model, loss, optimiser
+    # ---- model, datasets and loaders
     model = build_model(cfg.model, taxonomy, cfg.data.image_size)
     pre = model.preprocessing
     two_stream = cfg.model.head == "two_stream"
@@ -395,7 +326,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
     eval_tf = build_transforms(cfg, False, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
     cache = None
     if cfg.data.cache:
-        from taxonomist.data.loading import ResizedCache, default_cache_size
+        from taxonomist.data.cache import ResizedCache, default_cache_size
         size = default_cache_size(cfg.data.image_size, cfg.augment.crop_pct)
         if is_main:  # one process decodes; the others map the finished file
             # the eval transform's interpolation: small images (PlanktonSet's median side is 54 px) are
@@ -427,8 +358,8 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
                         f"{cfg.train.batch_size}; lower train.batch_size")
     counts = class_counts(train_rows, label_index)
     criterion = build_loss(cfg.loss, taxonomy, D, counts).to(device)
-    eval_criterion = criterion
 
+    # ---- head warm-up, optimiser, schedule, EMA, MixUp, the step
     model.to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -455,7 +386,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=MONITORS[cfg.train.monitor],
                                                                factor=0.5, patience=1)
     else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
@@ -472,7 +403,6 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
         from torch.nn.parallel import DistributedDataParallel
         train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None,
                                               find_unused_parameters=cfg.model.head != "flat")
-    amp = cfg.train.amp and device.type == "cuda"
     # the step the benchmark times too (train/step.py): forward, loss, backward, clip, AdamW, scheduler, EMA
     train_step = TrainStep.from_config(cfg, model, criterion, optimizer, device, train_model=train_model,
                                        scheduler=None if cfg.train.scheduler == "plateau" else scheduler,
@@ -486,167 +416,205 @@ def train(cfg: Config, progress: bool = True, resume: bool = False, log=print, o
                       error=None, redo=None)
         write_taxonomy(taxonomy, run_dir / "taxonomy.csv")
 
-    # ---- state
-    start_epoch, global_step = 0, 0
-    sign = 1.0 if MONITORS[cfg.train.monitor] == "min" else -1.0
-    best, best_epoch, stale = math.inf, -1, 0
-    history: list[dict] = []
+    run = TrainingRun(cfg=cfg, log=log, resume=resume, world=world, rank=rank, device=device, dataset=dataset,
+                      taxonomy=taxonomy, D=D, train_rows=train_rows, train_ds=train_ds, val_ds=val_ds,
+                      train_loader=train_loader, val_loader=val_loader, sampler=sampler, model=model,
+                      train_model=train_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                      ema=ema, train_step=train_step, warm=warm)
     if resume:
-        state = load_resume_state(resume_file)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        best, best_epoch, stale, history = state["best"], state["best_epoch"], state["stale"], state["history"]
-        if is_main:
-            log(f"resuming {run_dir} after epoch {state['epoch'] + 1}/{cfg.train.epochs}")
-    tb = _tensorboard(run_dir, cfg) if is_main else None
-    wandb_run = _wandb(cfg) if is_main else None
-    model_meta = model_metadata(model)
-    base_meta = {
+        load_resume(run)
+    run.base_meta = {
         "labels": labels, "taxonomy": taxonomy_to_json(taxonomy), "taxonomy_hash": taxonomy.hash,
         "backbone": cfg.model.backbone, "head": cfg.model.head, "image_size": cfg.data.image_size,
-        "preprocessing": pre, "model_config": _model_config_dict(cfg), "metric": metric, "model": model_meta,
+        "preprocessing": pre, "model_config": _model_config_dict(cfg), "metric": metric,
+        "model": model_metadata(model),
         "data": {"resize": cfg.data.resize, "grayscale": cfg.data.grayscale, "crop_pct": cfg.augment.crop_pct,
                  "input": input_col, "context": _context_scale(train_rows, two_stream or input_col == "context_path")},
         "monitor": cfg.train.monitor,
     }
+    return run
 
-    warm_metrics = None
-    if warm and not resume:
-        # the warmed-up head alone is a candidate too: it stays the best checkpoint unless an epoch beats it on
-        # val, so a short fine-tuning budget never ends below the linear probe it started from
-        warm_metrics = _val_metrics(run_inference(model, val_loader, device, amp=amp, progress=False,
-                                                  criterion=eval_criterion), D)
-        best, best_epoch = sign * warm_metrics[cfg.train.monitor], 0
-        if is_main:
-            save_checkpoint(ckpt_dir / "best.safetensors", model, {**base_meta, "epoch": 0, "metrics": warm_metrics})
-            update_status(run_dir, warm_up=warm_metrics)
-            log(f"warmed-up head on val: top-1 {warm_metrics['val_top1']:.3f}  MHD {warm_metrics['val_mhd']:.3f} "
+
+def load_resume(run: TrainingRun) -> None:
+    """Continue after the last finished epoch: weights, optimiser, schedule, EMA, step count, best and history."""
+    state = load_resume_state(run.resume_file)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
+    run.best, run.best_epoch, run.stale, run.history = (state["best"], state["best_epoch"], state["stale"],
+                                                        state["history"])
+    if run.is_main:
+        run.log(f"resuming {run.run_dir} after epoch {state['epoch'] + 1}/{run.cfg.train.epochs}")
+
+
+def validate_warmed_head(run: TrainingRun) -> None:
+    """The warmed-up head alone is a candidate too: it stays the best checkpoint unless an epoch beats it on
+    val, so a short fine-tuning budget never ends below the linear probe it started from."""
+    metrics = validate(run, run.model)
+    run.warm_metrics = metrics
+    run.best, run.best_epoch = run.sign * metrics[run.cfg.train.monitor], 0
+    if run.is_main:
+        save_checkpoint(run.ckpt_dir / "best.safetensors", run.model, {**run.base_meta, "epoch": 0, "metrics": metrics})
+        update_status(run.run_dir, warm_up=metrics)
+        run.log(f"warmed-up head on val: top-1 {metrics['val_top1']:.3f}  MHD {metrics['val_mhd']:.3f} "
                 "(the best checkpoint until an epoch beats it)")
 
-    # ---- epochs
-    for epoch in range(start_epoch, cfg.train.epochs):
-        # reseed per epoch so that a resumed run replays exactly the same batches and augmentations
-        seed_everything(cfg.train.seed * 1000 + epoch * 10 + rank)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        if hasattr(train_loader.generator, "manual_seed") and train_loader.generator is not None:
-            train_loader.generator.manual_seed(cfg.train.seed * 1000 + epoch)
-        train_model.train()
-        t0, seen, loss_sum, preds, targets = time.time(), 0, 0.0, [], []
-        bar = _bar(train_loader, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and is_main)
-        train_step.zero_grad()
-        stop_now = False
-        for step, batch in enumerate(bar):
-            out = train_step(batch, step, global_step)
-            if out.updated:
-                global_step += 1
-            n = out.n
-            seen += n
-            loss_sum += float(out.loss) * n
-            preds.append(out.outputs["logits"].detach().argmax(1).cpu())
-            targets.append(out.target.cpu())
-            if progress and is_main and step % max(1, cfg.train.log_every) == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
-            if cfg.train.max_steps and global_step >= cfg.train.max_steps:
-                stop_now = True
-                break
-        train_seconds = time.time() - t0
-        if world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-        from sklearn.metrics import f1_score
-        p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
-        eval_model = ema.module if ema is not None else model
-        val = run_inference(eval_model, val_loader, device, amp=amp, progress=False, criterion=eval_criterion)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(1, seen),
-            "train_top1": float((p == t).mean()),
-            "train_macro_f1": float(f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0)),
-            **_val_metrics(val, D),
-            "lr": max(g["lr"] for g in optimizer.param_groups),  # the head's rate under layer decay
-            "img_s": seen * world / max(train_seconds, 1e-9),
-            "seconds": time.time() - t0,
-        }
-        history.append(row)
-        if cfg.train.scheduler == "plateau":
-            scheduler.step(row[cfg.train.monitor])
-        score = sign * row[cfg.train.monitor]
-        improved = score < best
-        if improved:
-            best, best_epoch, stale = score, epoch + 1, 0
-        else:
-            stale += 1
-        if is_main:
-            meta = {**base_meta, "epoch": epoch + 1, "metrics": row}
-            weights = ema.module if ema is not None else model
-            if improved:
-                save_checkpoint(ckpt_dir / "best.safetensors", weights, meta)
-            if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
-                save_checkpoint(ckpt_dir / f"epoch_{epoch + 1}.safetensors", weights, meta)
-            save_checkpoint(ckpt_dir / "last.safetensors", weights, meta)
-            _write_metrics_csv(run_dir / "metrics.csv", history)
-            save_resume_state(resume_file, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch, "global_step": global_step, "best": best, "best_epoch": best_epoch,
-                "stale": stale, "history": history,
-            })
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "epoch":
-                        tb.add_scalar(k, v, epoch + 1)
-                tb.flush()
-            if wandb_run is not None:
-                wandb_run.log(row)
-            log(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {row['train_loss']:.3f}  "
-                f"val loss {row['val_loss']:.3f}  top-1 {row['val_top1']:.3f}  MHD {row['val_mhd']:.3f}  "
-                f"macro-F1 {row['val_macro_f1']:.3f}  {row['img_s']:.0f} img/s" + ("  *" if improved else ""))
-            if on_epoch is not None:
-                try:
-                    on_epoch(epoch + 1, dict(row))
-                except BaseException:
-                    for loader in (train_loader, val_loader):
-                        loader.close()
-                    if tb is not None:
-                        tb.close()
-                    raise
-        if stop_now:
+
+@dataclass
+class EpochTraining:
+    """What one pass over the training batches measured."""
+    started: float      #: time.time() at the epoch's start
+    seconds: float      #: training batches only (img/s)
+    seen: int
+    loss_sum: float
+    preds: Any          #: argmax of the logits, per image
+    targets: Any
+    out_of_steps: bool  #: train.max_steps reached within the epoch
+
+
+def train_epoch(run: TrainingRun, epoch: int, hooks: CallbackList) -> EpochTraining:
+    """One pass over the training batches (0-based `epoch`), reseeded so that a resumed run replays exactly the
+    same batches and augmentations."""
+    import torch
+
+    cfg = run.cfg
+    seed_everything(cfg.train.seed * 1000 + epoch * 10 + run.rank)
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    generator = run.train_loader.generator
+    if hasattr(generator, "manual_seed") and generator is not None:
+        generator.manual_seed(cfg.train.seed * 1000 + epoch)
+    run.train_model.train()
+    t0, seen, loss_sum, preds, targets = time.time(), 0, 0.0, [], []
+    hooks.on_epoch_start(run, epoch)
+    run.train_step.zero_grad()
+    out_of_steps = False
+    batches = len(run.train_loader)
+    asked = time.perf_counter()
+    for step, batch in enumerate(run.train_loader):
+        waited = time.perf_counter() - asked
+        out = run.train_step(batch, step, run.global_step)
+        if out.updated:
+            run.global_step += 1
+        seen += out.n
+        loss_sum += float(out.loss) * out.n
+        preds.append(out.outputs["logits"].detach().argmax(1).cpu())
+        targets.append(out.target.cpu())
+        hooks.on_batch_end(run, BatchEnd(epoch, step, batches, seen, loss_sum, time.time() - t0, waited, out))
+        if cfg.train.max_steps and run.global_step >= cfg.train.max_steps:
+            out_of_steps = True
             break
-        if cfg.train.patience and stale >= cfg.train.patience:
-            if is_main:
-                log(f"early stopping: {cfg.train.monitor} did not improve for {stale} epochs")
-            break
-    for loader in (train_loader, val_loader):
-        loader.close()
-    if tb is not None:
-        tb.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    if world > 1:
+        asked = time.perf_counter()
+    seconds = time.time() - t0
+    if run.world > 1:
         import torch.distributed as dist
         dist.barrier()
-    skipped = list(getattr(train_ds, "skipped", [])) + list(getattr(val_ds, "skipped", []))
-    if skipped and is_main:
-        log(f"warning: {len(skipped)} unreadable image(s) were skipped, e.g. {skipped[0]}")
-    if is_main:
-        update_status(run_dir, status="trained", epochs=cfg.train.epochs, epochs_trained=len(history),
-                      best_epoch=best_epoch, monitor=cfg.train.monitor, best_metric=sign * best)
-    return TrainResult(run_dir, best_epoch, sign * best, cfg.train.monitor, history, skipped, warm_metrics)
+    return EpochTraining(t0, seconds, seen, loss_sum, torch.cat(preds).numpy(), torch.cat(targets).numpy(),
+                         out_of_steps)
+
+
+def validate(run: TrainingRun, model=None) -> dict:
+    """The val columns of metrics.csv for `model` (default: the weights that are saved, the EMA's if any)."""
+    from taxonomist.inference.forward import run_inference
+
+    val = run_inference(model if model is not None else run.eval_model, run.val_loader, run.device, amp=run.amp,
+                        progress=False, criterion=run.criterion)
+    return _val_metrics(val, run.D)
+
+
+def epoch_row(run: TrainingRun, epoch: int, trained: EpochTraining, val: dict) -> dict:
+    """The metrics.csv row of 0-based `epoch` (the columns of METRICS_CSV_COLUMNS, in that order)."""
+    from taxonomist.decide.scores import macro_f1
+
+    p, t = trained.preds, trained.targets
+    return {
+        "epoch": epoch + 1,
+        "train_loss": trained.loss_sum / max(1, trained.seen),
+        "train_top1": float((p == t).mean()),
+        "train_macro_f1": macro_f1(t, p),
+        **val,
+        "lr": max(g["lr"] for g in run.optimizer.param_groups),  # the head's rate under layer decay
+        "img_s": trained.seen * run.world / max(trained.seconds, 1e-9),
+        "seconds": time.time() - trained.started,
+    }
+
+
+def record_epoch(run: TrainingRun, row: dict) -> bool:
+    """Add the epoch to the history, step a plateau schedule, track the best epoch; True when it improved."""
+    run.history.append(row)
+    if run.cfg.train.scheduler == "plateau":
+        run.scheduler.step(row[run.cfg.train.monitor])
+    improved = run.sign * row[run.cfg.train.monitor] < run.best
+    if improved:
+        run.best, run.best_epoch, run.stale = run.sign * row[run.cfg.train.monitor], row["epoch"], 0
+    else:
+        run.stale += 1
+    return improved
+
+
+def save_epoch(run: TrainingRun, row: dict, improved: bool) -> None:
+    """Write the epoch (rank 0): best/epoch_N/last checkpoints, metrics.csv, then the resume state — last, so
+    that a run killed at any moment resumes from a complete epoch."""
+    meta = {**run.base_meta, "epoch": row["epoch"], "metrics": row}
+    weights, ckpt_dir = run.eval_model, run.ckpt_dir
+    if improved:
+        save_checkpoint(ckpt_dir / "best.safetensors", weights, meta)
+    if run.cfg.train.save_every and row["epoch"] % run.cfg.train.save_every == 0:
+        save_checkpoint(ckpt_dir / f"epoch_{row['epoch']}.safetensors", weights, meta)
+    save_checkpoint(ckpt_dir / "last.safetensors", weights, meta)
+    _write_metrics_csv(run.run_dir / "metrics.csv", run.history)
+    save_resume_state(run.resume_file, {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
+        "epoch": row["epoch"] - 1, "global_step": run.global_step, "best": run.best, "best_epoch": run.best_epoch,
+        "stale": run.stale, "history": run.history,
+    })
+
+
+def epoch_line(run: TrainingRun, row: dict, improved: bool) -> str:
+    """The log line of an epoch; `*` marks a new best."""
+    return (f"epoch {row['epoch']}/{run.cfg.train.epochs}  train loss {row['train_loss']:.3f}  "
+            f"val loss {row['val_loss']:.3f}  top-1 {row['val_top1']:.3f}  MHD {row['val_mhd']:.3f}  "
+            f"macro-F1 {row['val_macro_f1']:.3f}  {row['img_s']:.0f} img/s" + ("  *" if improved else ""))
+
+
+def everyone_agrees(stop: bool, world: int) -> bool:
+    """Rank 0's decision to stop, shared with every process of a torchrun job (callbacks run on rank 0 only)."""
+    if world == 1:
+        return stop
+    import torch.distributed as dist
+    decision = [stop]
+    dist.broadcast_object_list(decision, src=0)
+    return bool(decision[0])
+
+
+def finish_training(run: TrainingRun) -> TrainResult:
+    """After a finished (or stopped) training: wait for every process, warn about skipped images, mark run.json
+    "trained" and return the result."""
+    if run.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    skipped = list(getattr(run.train_ds, "skipped", [])) + list(getattr(run.val_ds, "skipped", []))
+    if skipped and run.is_main:
+        run.log(f"warning: {len(skipped)} unreadable image(s) were skipped, e.g. {skipped[0]}")
+    cfg = run.cfg
+    if run.is_main:
+        update_status(run.run_dir, status="trained", epochs=cfg.train.epochs, epochs_trained=len(run.history),
+                      best_epoch=run.best_epoch, monitor=cfg.train.monitor, best_metric=run.sign * run.best)
+    return TrainResult(run.run_dir, run.best_epoch, run.sign * run.best, cfg.train.monitor, run.history, skipped,
+                       run.warm_metrics)
 
 
 def _val_metrics(val, D: np.ndarray) -> dict:
     """The val columns of metrics.csv from one pass over the val rows (`run_inference` with a criterion)."""
-    from sklearn.metrics import f1_score
+    from taxonomist.decide.scores import macro_f1
     vp = val.logits.argmax(1)
     return {"val_loss": val.loss, "val_top1": float((vp == val.targets).mean()),
             "val_mhd": float(D[val.targets, vp].mean()),
-            "val_macro_f1": float(f1_score(val.targets, vp, labels=np.unique(val.targets), average="macro",
-                                           zero_division=0))}
+            "val_macro_f1": macro_f1(val.targets, vp)}
 
 
 def _model_config_dict(cfg: Config) -> dict:
@@ -661,31 +629,6 @@ def _write_metrics_csv(path: Path, history: list[dict]) -> None:
     for row in history:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(path, buf.getvalue())
-
-
-def _bar(iterable, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
-def _tensorboard(run_dir: Path, cfg: Config):
-    if not cfg.train.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None  # tensorboard is an optional extra
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def _wandb(cfg: Config):
-    if not cfg.train.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("train.wandb is set but wandb is not installed: pip install 'taxonomist[wandb]'") from None
-    return wandb.init(project=cfg.train.wandb, config=cfg.to_dict(), dir=cfg.out)
 
 
 def load_history(run_dir: str | Path) -> list[dict]:

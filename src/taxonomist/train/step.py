@@ -1,4 +1,5 @@
-"""One training step, shared by `train()` and `taxonomist benchmark` so that both run the same code.
+"""One training step, shared by `train()` and `taxonomist benchmark` so that both run the same code (and the
+learning-rate schedule, `lr_lambda`, that steps with it).
 
 `TrainStep` holds what a step needs (model, loss, optimiser, scheduler, EMA, MixUp/CutMix, autocast and
 memory-format policy); calling it with a loader batch moves the batch to the device, runs forward and loss
@@ -9,6 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+
+def lr_lambda(cfg, steps_per_epoch: int):
+    """The learning-rate factor per optimiser step for `LambdaLR`: a linear warm-up over train.warmup_epochs, then
+    cosine down to 1 % of the rate (train.scheduler=cosine) or constant; the schedule `train()` uses.
+
+    >>> from taxonomist.config import load_config
+    >>> factor = lr_lambda(load_config(None, ["train.epochs=2", "train.warmup_epochs=1"]), steps_per_epoch=10)
+    >>> [round(factor(s), 3) for s in (0, 9, 10, 19)]
+    [0.1, 1.0, 1.0, 0.034]
+    """
+    import math
+
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.scheduler == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
 
 
 def build_optimizer(model, cfg, lr_scale: float = 1.0):

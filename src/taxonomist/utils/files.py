@@ -5,6 +5,7 @@ A crash or a kill never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -134,3 +135,12 @@ def file_set(targets, remove_first=()) -> Iterator[dict[Path, Path]]:
         for tmp in staged.values():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

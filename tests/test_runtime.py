@@ -1,5 +1,6 @@
-"""The CPU thread policy: `cpu_threads_for` (cores − ⌊workers × LOADER_CORE_SHARE⌋ per process) and
-`configure_threads` (explicit count, OMP_NUM_THREADS, non-CPU devices, this 2-core machine's case)."""
+"""taxonomist.runtime: the CPU thread policy — `cpu_threads_for` (cores − ⌊workers × LOADER_CORE_SHARE⌋ per process)
+and `configure_threads` (explicit count, OMP_NUM_THREADS, non-CPU devices, this 2-core machine's case) — the loader
+workers, the busy cores and the distributed rank."""
 from __future__ import annotations
 
 import os
@@ -7,9 +8,10 @@ import os
 import pytest
 import torch
 
-from taxonomist.train import loop
-from taxonomist.train.loop import LOADER_CORE_SHARE, configure_threads, cpu_threads_for
-from taxonomist.train.loop import busy_cores as BUSY_CORES  # the real one: the autouse fixture stubs loop's
+from taxonomist import runtime
+from taxonomist.runtime import (LOADER_CORE_SHARE, DistributedInfo, auto_num_workers, configure_threads,
+                                cpu_threads_for, distributed_info, is_main_process)
+from taxonomist.runtime import busy_cores as BUSY_CORES  # the real one: the autouse fixture stubs runtime's
 
 CPU = torch.device("cpu")
 
@@ -21,8 +23,8 @@ def threads_restored(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(loop, "tune_cpu_allocator", lambda: None)
-    monkeypatch.setattr(loop, "busy_cores", lambda: 0)  # a quiet machine, whatever the test machine runs
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda: None)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)  # a quiet machine, whatever the test machine runs
     yield
     torch.set_num_threads(before)
 
@@ -68,7 +70,7 @@ def test_omp_num_threads_leaves_torch_alone(monkeypatch):
 def test_non_cpu_device_changes_nothing(monkeypatch):
     _cores(monkeypatch, 2)
     called = []
-    monkeypatch.setattr(loop, "tune_cpu_allocator", lambda: called.append(1))
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda: called.append(1))
     torch.set_num_threads(3)
     assert configure_threads(0, torch.device("cuda"), 1) == 3  # a device object only: no GPU needed
     assert configure_threads(5, torch.device("cuda"), 1) == 3  # not even an explicit count
@@ -93,10 +95,10 @@ def test_policy_follows_cores_workers_and_world(monkeypatch):
 
 def test_cores_other_programs_keep_busy_are_left_to_them(monkeypatch):
     _cores(monkeypatch, 2)
-    monkeypatch.setattr(loop, "busy_cores", lambda: 1)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 1)
     torch.set_num_threads(2)
     assert configure_threads(0, CPU, 1) == 1
-    monkeypatch.setattr(loop, "busy_cores", lambda: 5)  # never below one thread
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 5)  # never below one thread
     assert configure_threads(0, CPU, 1) == 1
     assert cpu_threads_for(8, 2, busy=3) == 4
 
@@ -132,3 +134,17 @@ def test_busy_cores_without_proc_loadavg_is_zero(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_proc)
     assert BUSY_CORES(samples=2, interval=0) == 0
+
+
+def test_auto_num_workers():
+    assert [auto_num_workers(n) for n in (1, 2, 3, 4, 16, 64)] == [0, 1, 2, 3, 8, 8]
+
+
+def test_distributed_info_reads_torchrun_variables(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed_info() == DistributedInfo(world=1, rank=0, local_rank=0) and is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed_info() == (4, 3, 1) and not is_main_process()
