@@ -48,7 +48,8 @@ def main() -> None:
     from taxonomist.inference import calibrate_run, load_ood_scorers, ood_threshold
     from taxonomist.inference.run_model import infer_rows
     from taxonomist.taxonomy import distance_matrix
-    from taxonomist.train import select_device, train
+    from taxonomist.runtime import select_device
+    from taxonomist.train import train
     from taxonomist.train.checkpoint import load_checkpoint
 
     start = time.time()

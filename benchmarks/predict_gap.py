@@ -33,7 +33,7 @@ def main() -> None:
     from taxonomist.data.dataset import load_dataset
     from taxonomist.inference.run_model import infer_rows, rows_loader
     from taxonomist.models import build_model
-    from taxonomist.train.loop import configure_threads, tune_cpu_allocator
+    from taxonomist.runtime import configure_threads, tune_cpu_allocator
 
     tune_cpu_allocator()
     device, bs = torch.device("cpu"), args.batch_size
