@@ -13,9 +13,9 @@ from PIL import Image
 from taxonomist.config import Config
 from taxonomist.data import load_dataset
 from taxonomist.data.cache import ResizedCache, default_cache_size
-from taxonomist.data.loading import (SkippedImage, TaxonDataset, UnreadableImageError, batch_random_flips,
-                                     batch_resize_normalize, build_loader, class_counts,
-                                     collate, decode_jpeg_batch_cuda, make_weighted_sampler, read_image)
+from taxonomist.data.gpu_batch import batch_random_flips, batch_resize_normalize, decode_jpeg_batch_cuda
+from taxonomist.data.loading import (SkippedImage, TaxonDataset, UnreadableImageError, build_loader, class_counts,
+                                     collate, make_weighted_sampler, read_image)
 from taxonomist.data.transforms import (build_transforms, pad_to_square, parse_randaugment, to_square)
 from taxonomist.errors import ConfigError, DataError
 

@@ -21,14 +21,8 @@ from torchvision.transforms import v2
 
 from taxonomist.benchmark.measure import sync, timed_steps
 from taxonomist.data.augment_presets import resolve_augment
-from taxonomist.data.loading import (
-    TaxonDataset,
-    batch_random_flips,
-    batch_resize_normalize,
-    build_loader,
-    build_transforms,
-    decode_jpeg_batch_cuda,
-)
+from taxonomist.data.gpu_batch import batch_random_flips, batch_resize_normalize, decode_jpeg_batch_cuda
+from taxonomist.data.loading import TaxonDataset, build_loader, build_transforms
 from taxonomist.decide import apply_temperature, decide
 from taxonomist.train.step import TrainStep, build_optimizer, lr_lambda
 

@@ -19,7 +19,10 @@ MAX_IMAGE_PIXELS = 178_956_970
 #: The frame rule in words, for messages and documentation.
 FRAME_RULE = "the first frame of an animated or multi-page image is used"
 GIF_MAGIC = (b"GIF87a", b"GIF89a")
-_JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: bytes of a file's start that hold its declared size for every format `declared_size` reads
+HEADER_BYTES = 64 * 1024
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not frames
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -91,7 +94,7 @@ def declared_size(head: bytes, data=None) -> tuple[int, int] | None:
         if chunk == b"VP8 ":
             return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
         return None
-    if head[:3] == _JPEG_MAGIC:
+    if head[:3] == JPEG_MAGIC:
         buf = head if data is None or len(data) <= len(head) else _as_bytes(data)
         pos = 2
         while pos + 9 <= len(buf):

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from taxonomist.data.images import MAX_IMAGE_PIXELS as FILE_PIXEL_LIMIT
-from taxonomist.data.images import ImageTooLarge, declared_size, open_first_frame
+from taxonomist.data.images import HEADER_BYTES, ImageTooLarge, declared_size, open_first_frame
 
 #: Default pixel budget of one upload (width × height of its first frame), read from the header before
 #: decoding: 100 megapixels decode to 300 MB of RGB, the most a shared service should spend on one upload.
@@ -23,7 +23,6 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_DECODES = 2
 #: The largest budget an option may set: PIL refuses images above it whatever the service allows.
 MAX_PIXEL_OPTION = FILE_PIXEL_LIMIT
-_HEADER_BYTES = 64 * 1024
 
 
 class UploadError(Exception):
@@ -45,7 +44,7 @@ def _over_budget(filename: str, width: int | None, height: int | None, max_pixel
 def upload_pixels(data: bytes, filename: str, max_pixels: int = MAX_IMAGE_PIXELS) -> int | None:
     """The pixels the upload's first frame declares in its header (JPEG, PNG, GIF, WebP), without opening it
     with PIL; None for other formats. An `UploadError` (400) when they exceed `max_pixels`."""
-    size = declared_size(data[:_HEADER_BYTES], data)
+    size = declared_size(data[:HEADER_BYTES], data)
     if size is None:
         return None
     if size[0] * size[1] > max_pixels:
