@@ -206,7 +206,10 @@ def run_block(block: Block, folder: Path, env: dict, timeout: float = BLOCK_TIME
     return rc, log.read_text(errors="replace"), time.monotonic() - start
 
 
-def run_page(page: Path, blocks: list[Block], tmp_path: Path) -> None:
+def run_page(page: Path, blocks: list[Block], tmp_path: Path) -> list[int]:
+    """Run `blocks` in order in one clone-like folder; fail at the first block that exits non-zero. Returns
+    each block's exit status."""
+    statuses: list[int] = []
     folder = tmp_path / "clone"
     folder.mkdir()
     make_clone_like(folder)
@@ -214,6 +217,7 @@ def run_page(page: Path, blocks: list[Block], tmp_path: Path) -> None:
     with ports_of(blocks):
         for block in blocks:
             rc, output, seconds = run_block(block, folder, env)
+            statuses.append(rc)
             print(f"{block.where}: exit {rc} in {seconds:.0f} s")
             if rc != 0:
                 tail = "\n".join(output.splitlines()[-60:])
@@ -221,12 +225,15 @@ def run_page(page: Path, blocks: list[Block], tmp_path: Path) -> None:
                 line = next((x for x in output.splitlines() if x.startswith("[docs test]")), "")
                 pytest.fail(f"{block.where}: {what} after {seconds:.0f} s {line}\n--- the block ---\n{block.code}"
                             f"--- its output (last 60 lines) ---\n{tail}", pytrace=False)
+    return statuses
 
 
 @pytest.mark.parametrize("page", FAST_PAGES, ids=_rel)
 def test_page_runs_as_written(page, tmp_path):
     _skip_pending(page)
-    run_page(page, _runnable(page, with_slow=False), tmp_path)
+    blocks = _runnable(page, with_slow=False)
+    assert blocks, f"{_rel(page)} is listed as runnable but has no runnable block"
+    assert run_page(page, blocks, tmp_path) == [0] * len(blocks)
 
 
 @pytest.mark.docs_slow
@@ -236,4 +243,6 @@ def test_page_runs_as_written_with_its_slow_blocks(page, tmp_path, request):
     if "docs_slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("slow docs blocks (minutes each) run when selected: ./run test -m docs_slow tests/docs")
     _skip_pending(page)
-    run_page(page, _runnable(page, with_slow=True), tmp_path)
+    blocks = _runnable(page, with_slow=True)
+    assert blocks, f"{_rel(page)} is listed as slow but has no runnable block"
+    assert run_page(page, blocks, tmp_path) == [0] * len(blocks)
