@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 
 from taxonomist.config import load_config
-from taxonomist.data.split import split_dataset
-from taxonomist.data.synth import synthesize
 from taxonomist.train import loop
 from taxonomist.train.callbacks import Callback, CallbackList
 from taxonomist.utils.run_status import read_status
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "synth"
-    synthesize(root, n_taxa=4, per_class=8, image_size=32, seed=3)
-    split_dataset(root, val=0.25, test=0.0, seed=0)
-    return root
+@pytest.fixture
+def tiny_data(synth_dataset) -> Path:
+    return synth_dataset(n_taxa=4, per_class=8, seed=3, val=0.25)
 
 
 def tiny_config(data: Path, out: Path, *extra: str):
