@@ -94,3 +94,12 @@ def test_the_card_reads_as_the_stored_mapping_and_changes_by_replace():
     assert "temperature" not in uncalibrated and uncalibrated.temperature == 1.0 and card.temperature == 1.5
     renamed = card.replace(ood=OODInfo("model.ood.safetensors", ("energy",)))
     assert renamed["ood"] == {"file": "model.ood.safetensors", "methods": ["energy"]}
+
+
+def test_the_label_prior_round_trips_and_a_corrupt_one_is_refused():
+    card = ModelCard.from_dict({**copy.deepcopy(WRITTEN), "label_prior": [0.75, 0.25]}, "best.json")
+    assert card.label_prior == (0.75, 0.25) and card.to_dict()["label_prior"] == [0.75, 0.25]
+    assert ModelCard.from_dict(WRITTEN).label_prior is None          # older files: uniform
+    for bad in ([0.5], [1, -1], ["a", 1], [0, 0], [True, 1]):
+        with pytest.raises(ModelError, match="best.json: corrupt checkpoint metadata \\(label_prior"):
+            ModelCard.from_dict({**copy.deepcopy(WRITTEN), "label_prior": bad}, "best.json")

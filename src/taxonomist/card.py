@@ -157,7 +157,7 @@ _KEYS = {"format_version": "format_version", "labels": "labels", "taxonomy_json"
          "taxonomy_hash": "taxonomy_hash", "backbone": "backbone", "head": "head", "image_size": "image_size",
          "preprocessing": "preprocessing", "model_config": "model_config", "metric": "metric", "model": "model",
          "data": "data", "monitor": "monitor", "epoch": "epoch", "metrics": "metrics", "temperature": "temperature",
-         "calibration": "calibration", "ood": "ood", "export": "export"}
+         "calibration": "calibration", "ood": "ood", "export": "export", "label_prior": "label_prior"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,6 +187,9 @@ class ModelCard(Mapping):
     calibration: CalibrationInfo | None = None
     ood: OODInfo | None = None
     export: Mapping[str, Any] | None = None         # how an exported file was made (format, torch, opset, …)
+    #: the label frequencies the model's probabilities assume (its training split's, per label, summing to 1);
+    #: None: uniform (an older file, or a loss that weighted the classes) — what context priors divide out
+    label_prior: tuple[float, ...] | None = None
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
     source: str = field(default="<model card>", compare=False, repr=False)  # the file, for messages
@@ -223,6 +226,7 @@ class ModelCard(Mapping):
                 metrics=data.get("metrics"), temperature=float(data.get("temperature", DEFAULT_TEMPERATURE)),
                 calibration=None if cal is None else CalibrationInfo.from_dict(_mapping(cal, "calibration")),
                 ood=OODInfo.from_dict(_mapping(ood, "ood")) if ood else None, export=data.get("export"),
+                label_prior=_label_prior(data.get("label_prior"), len(data["labels"]), where),
                 format_version=FORMAT_VERSION,
                 extra={k: v for k, v in data.items() if k not in _STORED}, source=where)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -239,7 +243,8 @@ class ModelCard(Mapping):
                 continue
             if name == "temperature" and not self.calibrated:
                 continue  # uncalibrated: the file says nothing about a temperature
-            out[key] = value.to_dict() if hasattr(value, "to_dict") else list(value) if name == "labels" else value
+            out[key] = (value.to_dict() if hasattr(value, "to_dict") else
+                        list(value) if name in ("labels", "label_prior") else value)
         out.update(self.extra)
         return out
 
@@ -327,6 +332,17 @@ def _upgrade(data: Mapping[str, Any]) -> dict[str, Any]:
         out.setdefault("backbone", "")
         out.setdefault("head", DEFAULT_HEAD)
     return out
+
+
+def _label_prior(value, n_labels: int, where: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = _list(value, "label_prior")
+    if len(values) != n_labels or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                                      or v == float("inf") for v in values) or not sum(values) > 0:
+        raise ModelError(f"{where}: corrupt checkpoint metadata (label_prior must be {n_labels} non-negative "
+                         "numbers, one per label, with a positive sum)")
+    return tuple(float(v) for v in values)
 
 
 def _list(value, name: str) -> list:

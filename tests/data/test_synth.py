@@ -221,3 +221,23 @@ def test_boxes_frame_the_organism_in_its_scene_as_the_roi_does(small):
         others = [contrast(rng.uniform(0, 96 - w), rng.uniform(0, 96 - h)) for _ in range(8)]
         stands_out.append(contrast(x, y) > np.median(others))
     assert np.mean(stands_out) > 0.8
+
+
+def test_sites_give_a_context_column_and_each_sites_species_list(tmp_path):
+    from taxonomist.decide import ContextPriors
+
+    s = synthesize(tmp_path / "d", n_taxa=8, per_class=6, image_size=32, seed=2, sites=3, context=False)
+    assert "3 sites in the context column" in str(s)
+    rows = read_annotations(tmp_path / "d" / "annotations.csv")
+    priors = ContextPriors.read(tmp_path / "d" / "priors.csv")
+    assert set(rows["context"]) <= {"site=1", "site=2", "site=3"} and set(priors.keys) <= set(rows["context"]) | {
+        "site=1", "site=2", "site=3"}
+    listed = {(key, taxon) for key, entries in priors.keys.items() for taxon, weight, _ in entries if weight == 1}
+    assert all((c, label) in listed for c, label in zip(rows["context"], rows["label"]))  # every image is listed
+    assert {label for _, label in listed} == set(rows["label"])
+    again = synthesize(tmp_path / "e", n_taxa=8, per_class=6, image_size=32, seed=2, sites=3, context=False)
+    assert (again.out_dir / "priors.csv").read_bytes() == (tmp_path / "d" / "priors.csv").read_bytes()
+    # no sites: no column, no file
+    synthesize(tmp_path / "d", n_taxa=8, per_class=6, image_size=32, seed=2, context=False)
+    assert "context" not in read_annotations(tmp_path / "d" / "annotations.csv").columns
+    assert not (tmp_path / "d" / "priors.csv").exists()

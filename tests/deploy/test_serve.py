@@ -314,3 +314,38 @@ def test_concurrent_requests_are_batched(served):
             assert results[name]["filename"] == name and results[name]["decision"] == answer["decision"]
             assert results[name]["confidence"] == pytest.approx(answer["confidence"], abs=1e-5)
         assert c.get("/health").json()["batching"]["largest_batch"] == stats.largest_batch
+
+
+def test_a_text_context_field_applies_the_priors_as_predict_does(served, tmp_path):
+    """With --priors, a text `context` (one per request or one per file) shifts the answers exactly as predict
+    shifts an images CSV's rows; the answer without the priors comes back as `raw`."""
+    from taxonomist.inference.model_file import read_card
+    from taxonomist.inference.predict import predict
+
+    run, data = served
+    labels = read_card(run).taxonomy.labels
+    priors = tmp_path / "priors.csv"
+    priors.write_text("context,taxon,weight\n" + "".join(f"site=A,{name},1\n" for name in labels[:2]))
+    files = images_of(data)[:6]
+    contexts = ["site=A", "site=B", "site=A", "", "site=A", "site=A;depth=9"]
+    csv = tmp_path / "images.csv"
+    pd.DataFrame({"path": [str(f) for f in files], "context": contexts}).to_csv(csv, index=False)
+    options = DecisionOptions("min-risk", candidates="all", priors=priors)
+    offline = pd.read_csv(predict(run, csv, tmp_path / "p.csv", options, device="cpu", num_workers=0,
+                                  progress=False, engine="torch").out, keep_default_na=False)
+    app = create_app(run, ServeOptions(options, device="cpu", engine="torch"), max_batch=4, max_wait_ms=2)
+    with TestClient(app) as c:
+        assert c.get("/health").json()["priors"]["contexts"] == ["site=A"]
+        upload = [("file", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
+        response = c.post("/predict", files=upload, data={"context": contexts})
+        assert response.status_code == 200, response.text
+        answers = response.json()["predictions"]
+        assert [a["decision"] for a in answers] == offline["prediction"].tolist()
+        assert [a["raw"]["decision"] for a in answers] == offline["raw_prediction"].tolist()
+        assert [a["priors"]["applied"] for a in answers] == offline["prior_applied"].tolist()
+        assert answers[0]["priors"] == {"context": "site=A", "applied": True, "conflict": False}
+        # one context for every file of the request
+        one = c.post("/predict", files=upload[:2], data={"context": "site=A"}).json()["predictions"]
+        assert [a["priors"]["context"] for a in one] == ["site=A", "site=A"]
+        wrong = c.post("/predict", files=upload[:3], data={"context": ["site=A", "site=B"]})
+        assert wrong.status_code == 400 and "2 texts for 3 files" in wrong.json()["error"]

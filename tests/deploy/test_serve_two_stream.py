@@ -317,7 +317,8 @@ def B(value: str):  # reads like the field it makes
     ([F, C, C], "field 'context': 2 given for 1 files"),
     ([F], "this two-stream model needs each image's context"),
     ([F, C, B("1,2,3,4")], "either 'context' files (crops) or 'bbox' fields (full frames), not both"),
-    ([F, ("context", (None, "ctx.png"))], "the field 'context' must carry files"),
+    # text in 'context' is the priors' context: refused by a service started without --priors
+    ([F, ("context", (None, "ctx.png"))], "this service was started without --priors"),
     ([F, ("bbox", ("box.txt", b"1,2,3,4", "text/plain"))], "the field 'bbox' must be text x,y,w,h"),
     ([F, ("context", ("ctx.png", b"", "image/png"))], "field 'context': ctx.png: empty file"),
     ([F, ("context", ("ctx.png", b"not an image", "image/png"))], "field 'context': ctx.png: not an image"),

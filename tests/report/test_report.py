@@ -172,3 +172,18 @@ def test_report_command(reports, tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "metrics.json" in err[0]
+
+
+def test_context_priors_are_described_with_the_figures_without_them(reports, tmp_path):
+    copy = tmp_path / "priors"
+    shutil.copytree(reports.min_risk, copy)
+    m = json.loads((copy / "metrics.json").read_text())
+    m["priors"] = {"file": "sites/priors.csv", "sha256": "0" * 64, "strength": 1.0, "floor": 0.1, "applied": 7,
+                   "conflicts": 0, "changed": 3, "unknown_taxa": ["Nemo"],
+                   "without": {"mhd": 1.25, "top1": 0.5, "macro_f1": 0.4}}
+    (copy / "metrics.json").write_text(json.dumps(m))
+    html = write_report([copy], copy / "report.html").read_text()
+    text = re.sub(r"\s+", " ", html)
+    assert "Context priors (sites/priors.csv, strength 1, floor 0.1) reweighted 7 of the" in text
+    assert "changed 3 answers" in text and "mean hierarchical distance 1.250" in text
+    assert "1 taxa of the priors file are not in the model's taxonomy" in text

@@ -8,6 +8,7 @@ examples:
   taxonomist data synth data/synth                        # the demo dataset
   taxonomist data synth data/big --taxa 60 --per-class 80 --image-size 128 --seed 1
   taxonomist data synth data/easy --phyla 6 --difficulty 0.5 --no-context --format png
+  taxonomist data synth data/sites --sites 3         # + a context column and priors.csv (each site's species)
 
 Phylum sets the body plan, class the colour, order the pattern, family/genus/species subtler marks.
 Writes annotations.csv, taxonomy.csv, images/<label>/ and context/<label>/ (scenes twice the size with
@@ -111,6 +112,9 @@ def register(sub, formatter):
                    help="skip the context scenes (written by default)")
     s.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg",
                    help="image files: JPEG quality 90 or lossless PNG")
+    s.add_argument("--sites", type=int, default=0, metavar="N",
+                   help="take each image at one of N sites, each holding about half the taxa: a `context` column "
+                        "(site=1…N) and priors.csv, the sites' species lists, for predict --priors (default 0: none)")
     s.set_defaults(func=run_synth)
 
     d = dsub.add_parser("download", help="download the images of a COCO JSON (FathomNet)",
@@ -261,7 +265,8 @@ def run_synth(args) -> int:
     summary = synthesize(args.out_dir, n_taxa=args.taxa, per_class=args.per_class, image_size=args.image_size,
                          seed=args.seed, n_phyla=args.phyla, species_per_genus=args.species_per_genus,
                          internal_fraction=args.internal_fraction, difficulty=args.difficulty,
-                         context=getattr(args, "context", True), image_format=args.image_format, progress=True)
+                         context=getattr(args, "context", True), image_format=args.image_format, progress=True,
+                         sites=args.sites)
     print(summary)
     return 0
 

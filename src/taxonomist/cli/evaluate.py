@@ -9,6 +9,7 @@ examples:
   taxonomist evaluate runs/first --data data/synth --decision backoff --thresholds species=0.6,genus=0.7
   taxonomist evaluate runs/first --data data/synth --model-ood odin mc-dropout --ensemble runs/second
   taxonomist evaluate model.onnx --data data/synth --out evaluation/     # an exported model (taxonomist export)
+  taxonomist evaluate runs/first --data data/sites --priors priors.csv --decision min-risk --candidates all --out ev/
 
 Writes metrics.json (mhd, top1, log_loss, macro_f1, hierarchical_accuracy, per_rank, ece, ece_uncalibrated, n,
 per-label precision/recall/F1, ood when the dataset has ood rows and the checkpoint OOD scorers),
@@ -24,6 +25,8 @@ evaluate reads. A checkpoint naming a backbone that imports code is refused unle
 
 
 def register(sub, formatter):
+    from taxonomist.cli.predict import add_prior_arguments
+
     p = sub.add_parser("evaluate", help="evaluate a run on a dataset split → metrics.json, predictions.csv, report.html",
                        description="Evaluate a trained run or checkpoint on a held-out split.", epilog=EXAMPLE,
                        formatter_class=formatter)
@@ -54,6 +57,7 @@ def register(sub, formatter):
                    help="test-time augmentation as in predict; alone = rot2+flip (4 views), or e.g. rot4, d4")
     p.add_argument("--tta-mode", choices=("mean_probs", "mean_logits"), default="mean_probs",
                    help="merge TTA views by their mean probabilities or mean logits")
+    add_prior_arguments(p, "the dataset's `context` column")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = chosen for the machine")
@@ -85,7 +89,8 @@ def run(args) -> int:
                       decision=args.decision, candidates=args.candidates,
                       thresholds=parse_thresholds(args.thresholds), model_ood=args.model_ood,
                       ensemble=args.ensemble, trust_code=args.trust_code, top_k=args.top_k, tta=args.tta,
-                      tta_mode=args.tta_mode)
+                      tta_mode=args.tta_mode, priors=args.priors, prior_strength=args.prior_strength,
+                      prior_floor=args.prior_floor)
     from taxonomist.pipeline import record_step_done, run_step
     record_step_done(ev.out_dir, "evaluate")  # a run whose evaluation had failed is whole again
     print(ev.summary())

@@ -2,7 +2,8 @@
 (`taxonomist.deploy.serve`)."""
 from __future__ import annotations
 
-from taxonomist.cli.predict import DECISION_CHOICES, ENGINE_CHOICES, ENGINE_HELP, OOD_CHOICES, decision_options
+from taxonomist.cli.predict import (DECISION_CHOICES, ENGINE_CHOICES, ENGINE_HELP, OOD_CHOICES, add_prior_arguments,
+                                    decision_options)
 
 # plain numbers, not imports of the serve modules: `taxonomist --help` stays fast (they match
 # `deploy.serve.uploads.MAX_IMAGE_PIXELS`, `MAX_DECODES` and `deploy.serve.app.READ_TIMEOUT_S`, checked by a test)
@@ -27,10 +28,14 @@ examples:
   curl -F file=@frame.jpg -F bbox=412,230,96,64 http://127.0.0.1:8000/predict          # a frame and a box
   curl -F file=@roi.jpg -F context=@roi_context.jpg http://127.0.0.1:8000/predict      # two-stream: a pair
 
+  taxonomist serve RUN --priors priors.csv --decision min-risk --candidates all          # context priors
+  curl -F file=@photo.jpg -F context="region=Monterey;depth=200-400" http://127.0.0.1:8000/predict
+
 Endpoints: GET / (the page: drop images, draw a box on a frame, see decision, lineage and top 5), POST /predict
 (multipart field `file`, one or several images; with a `bbox` field x,y,w,h per file, each file is a full frame
 and the service cuts the box, and for two-stream models its context, as `data prepare` does; a two-stream model
-takes either a `context` file per file or a `bbox` per file), GET /health, GET /taxonomy, GET /metadata,
+takes either a `context` file per file or a `bbox` per file; with --priors, a text `context` field gives the
+context the priors read, and each answer adds `priors` and `raw`, the answer without them), GET /health, GET /taxonomy, GET /metadata,
 GET /openapi.json, GET /docs.
 Requests arriving together are batched (up to --max-batch images, waiting at most --max-wait-ms).
 The service binds 127.0.0.1; another --host needs --token-env VAR (a bearer token checked on every request
@@ -53,6 +58,7 @@ def register(sub, formatter):
     p.add_argument("--host", default="127.0.0.1", help="address to bind; not loopback → --token-env required")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--decision", choices=DECISION_CHOICES, default="argmax", help="decision rule")
+    add_prior_arguments(p, "the text `context` field of each request (one for all its files, or one per file)")
     p.add_argument("--candidates", metavar="FILE|all|fathomnet2025", default=None,
                    help="names an answer may take (default: the training labels for argmax/min-risk; every node "
                         "for the others)")

@@ -6,6 +6,8 @@ pose, scale, water, snow, noise, blur and occlusion vary per image. Deterministi
 from __future__ import annotations
 
 import colorsys
+import csv
+import io
 import json
 import math
 import os
@@ -27,6 +29,8 @@ from taxonomist.utils.files import atomic_write_text
 
 #: written first (complete: false) and last (complete: true); marks a directory synth may overwrite
 MARKER = "synth.json"
+#: With `sites`: each site's species list, a `predict --priors` table.
+PRIORS = "priors.csv"
 #: one body plan per phylum: the coarsest and most visible trait
 BODY_PLANS = ("radial", "fish", "medusa", "branching", "sponge", "worm")
 #: one pattern per order
@@ -55,12 +59,15 @@ class SynthSummary:
     image_size: int
     context: bool
     seconds: float
+    sites: int = 0
 
     def __str__(self) -> str:
         by_rank = ", ".join(f"{n} {rank}" for rank, n in self.labels_per_rank.items())
         ctx = f" + {self.n_images} context images ({2 * self.image_size} px)" if self.context else ""
+        sites = (f"; {self.sites} sites in the context column, their species lists in {PRIORS}" if self.sites
+                 else "")
         return (f"wrote {self.n_images} images ({self.image_size} px){ctx} of {self.n_labels} labels "
-                f"({by_rank}; {self.n_ranks} ranks, {self.n_phyla} phyla) to {self.out_dir} "
+                f"({by_rank}; {self.n_ranks} ranks, {self.n_phyla} phyla{sites}) to {self.out_dir} "
                 f"in {self.seconds:.1f} s")
 
 
@@ -97,7 +104,7 @@ class _Look:
 def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image_size: int = 96, seed: int = 0,
                n_phyla: int = 4, species_per_genus: float = 2.0, internal_fraction: float = 0.15,
                difficulty: float = 1.0, context: bool = True, image_format: str = "jpg",
-               progress: bool = False) -> SynthSummary:
+               progress: bool = False, sites: int = 0) -> SynthSummary:
     """Generate a hierarchical image dataset (annotations.csv, taxonomy.csv, images/, context/) in `out_dir`.
 
     `n_taxa` labels with `per_class` images each. About `internal_fraction` of the labels sit at genus or
@@ -106,8 +113,10 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
     (at most 6) head the tree; `species_per_genus` sets how bushy its tips are. `difficulty` scales every
     nuisance (noise, blur, occlusion, colour cast, individual variation); 0 gives clean images. With
     `context`, each example also gets a scene twice the size with the organism small in it and habitat
-    cues (sea floor or open water, substrate, depth) that hint at its lineage. The same arguments always
-    give the same files. A directory holding an earlier synth output is replaced; any other non-empty
+    cues (sea floor or open water, substrate, depth) that hint at its lineage. With `sites` > 0 each label
+    lives at about half of that many sites (at least one) and each of its images is taken at one of them: a
+    `context` column (`site=1` …) and `priors.csv`, each site's species list (`context,taxon,weight` with weight
+    1: an allow list for `predict --priors`). The same arguments always give the same files. A directory holding an earlier synth output is replaced; any other non-empty
     directory is refused.
 
     >>> s = synthesize("data/synth", n_taxa=6, per_class=3, image_size=48)   # doctest: +SKIP
@@ -123,6 +132,7 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
     _check_float("species_per_genus", species_per_genus, 1.0, 20.0)
     _check_float("internal_fraction", internal_fraction, 0.0, 0.5)
     _check_float("difficulty", difficulty, 0.0, 3.0)
+    _check_int("sites", sites, 0, 1000)
     if image_format not in IMAGE_FORMATS:
         raise ConfigError(f"image_format {image_format!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
@@ -130,7 +140,7 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
     out = Path(out_dir)
     params = dict(n_taxa=n_taxa, per_class=per_class, image_size=image_size, seed=seed, n_phyla=n_phyla,
                   species_per_genus=float(species_per_genus), internal_fraction=float(internal_fraction),
-                  difficulty=float(difficulty), context=bool(context), image_format=image_format)
+                  difficulty=float(difficulty), context=bool(context), image_format=image_format, sites=int(sites))
     _prepare_out_dir(out, params)
 
     nodes, labels, draws = _build_tree(np.random.default_rng([seed, 0]), n_taxa, n_phyla, species_per_genus,
@@ -174,6 +184,9 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
     frame.insert(1, "image_id", frame["annotation_id"])  # one organism per frame
     # with context the scene is the frame (image_id) and the bbox columns the ROI's box in it, as `data prepare` writes
     frame = frame[["path", "label", "image_id", "annotation_id"] + (["context_path", *BOX_COLUMNS] if context else [])]
+    if sites:
+        frame["context"], site_list = _sites(np.random.default_rng([seed, 3]), frame["label"].to_numpy(), sites)
+        atomic_write_text(out / PRIORS, site_list)
     write_taxonomy(taxonomy, out / TAXONOMY)
     write_annotations(frame, out / ANNOTATIONS)
     per_rank: dict[str, int] = {}
@@ -184,7 +197,24 @@ def synthesize(out_dir: str | Path, n_taxa: int = 24, per_class: int = 40, image
     _write_marker(out, params, complete=True)
     return SynthSummary(out, len(frame), len(labels), per_rank, len(RANKS),
                         sum(1 for n in nodes if n.rank == "phylum"), image_size, bool(context),
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, int(sites))
+
+
+def _sites(rng: np.random.Generator, labels: np.ndarray, n_sites: int) -> tuple[list[str], str]:
+    """Each label at about half the sites (at least one), each image at one of its label's: the images' contexts
+    and the sites' species lists as a priors CSV."""
+    names = list(dict.fromkeys(labels.tolist()))
+    at = {}
+    for name in names:
+        where = np.flatnonzero(rng.random(n_sites) < 0.5)
+        at[name] = where if len(where) else rng.choice(n_sites, 1)
+    contexts = [f"site={int(rng.choice(at[name])) + 1}" for name in labels.tolist()]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["context", "taxon", "weight"])
+    for site in range(n_sites):
+        writer.writerows([f"site={site + 1}", name, 1] for name in names if site in at[name])
+    return contexts, table.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -222,7 +252,7 @@ def _prepare_out_dir(out: Path, params: dict) -> None:
         for sub in ("images", "context"):
             if (out / sub).is_dir():
                 shutil.rmtree(out / sub)
-        for name in (ANNOTATIONS, TAXONOMY):
+        for name in (ANNOTATIONS, TAXONOMY, PRIORS):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     _write_marker(out, params, complete=False)

@@ -31,11 +31,13 @@ from taxonomist.decide.rules import (DECISIONS, Decisions, argmax_decision, back
                                      min_risk_decision, node_thresholds, selective_decision, undominated_candidates)
 from taxonomist.decide.scores import macro_f1
 from taxonomist.decide.tree_sums import ancestor_operator, answer_probability, node_probabilities
-from taxonomist.decide.answer import Answers, DecisionOptions, answer, answer_levels, parse_thresholds
+from taxonomist.decide.answer import Answers, DecisionOptions, answer, answer_levels, answer_records, parse_thresholds
+from taxonomist.decide.priors import ContextPriors, PriorShift
 
 __all__ = [
     "softmax", "log_softmax",
-    "DecisionOptions", "Answers", "answer", "answer_levels", "parse_thresholds", "answer_probability", "macro_f1",
+    "DecisionOptions", "Answers", "answer", "answer_levels", "answer_records", "parse_thresholds", "ContextPriors",
+    "PriorShift", "answer_probability", "macro_f1",
     "fit_temperature", "fit_temperature_for", "TEMPERATURE_OBJECTIVES", "apply_temperature", "check_temperature",
     "expected_calibration_error",
     "CANDIDATE_KEYWORDS", "candidate_nodes", "candidate_mask",

@@ -26,6 +26,8 @@ from taxonomist.decide.candidates import candidate_nodes
 from taxonomist.decide.ensemble import VIEW_MODES
 from taxonomist.decide.fallback import AUTO_FALLBACK, ood_fallback, parse_fallback, resolve_fallback
 from taxonomist.decide.heuristics import check_top_k
+from taxonomist.decide.priors import (APPLIED, CONFLICT, DEFAULT_PRIOR_FLOOR, DEFAULT_PRIOR_STRENGTH, ContextPriors,
+                                      PriorShift, check_floor, check_strength)
 from taxonomist.decide.ood import (ENSEMBLE_OOD_METHOD, MODEL_OOD_METHODS, PREDICT_OOD_METHODS, check_tpr,
                                    resolve_ood_method)
 from taxonomist.decide.rules import DECISIONS, decide, expected_distance, node_thresholds, threshold_value
@@ -36,6 +38,8 @@ from taxonomist.taxonomy.core import RANK_INDEX
 
 #: `metric`: the model's own distance (what it was trained and is evaluated with), else the taxonomy's default.
 AUTO_METRIC = "auto"
+#: The most probable labels an answer record lists (`answer_records`: serve's answers, predict's jsonl).
+TOP_SHOWN = 5
 #: The rules that take one number as `thresholds` and no per-rank ones.
 _ONE_NUMBER_RULES = ("selective", "rollup", "common-ancestor")
 
@@ -94,6 +98,10 @@ class DecisionOptions:
             or depth 1 for an unranked tree.
         tta, tta_mode: test-time augmentation (a spec such as `rot2+flip`, "default" — what True gives — or
             `View`s) and how the views merge (`VIEW_MODES`); `inference.tta` parses the spec and runs them.
+        priors: context priors (`--priors`): a `context,taxon,weight` CSV or a `ContextPriors`, applied to each
+            example's context as a prior shift before the rule (`decide.priors`); None: no priors.
+        prior_strength, prior_floor: λ of the shift (1 = Bayes' rule, 0 = off) and the weight of a label a list
+            does not name, as a share of the mean listed weight (`decide.priors`).
 
     >>> DecisionOptions("min-risk", candidates="all", ood="auto").ood
     'mahalanobis'
@@ -115,8 +123,13 @@ class DecisionOptions:
     ood_fallback: str | int | float = AUTO_FALLBACK
     tta: str | tuple | None = None
     tta_mode: str = "mean_probs"
+    priors: str | Path | ContextPriors | None = None
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH
+    prior_floor: float = DEFAULT_PRIOR_FLOOR
     #: the taxonomy `resolve` checked these options against (its hash); None before
     resolved_for: str | None = field(default=None, init=False, compare=False, repr=False)
+    #: the priors resolved for that taxonomy and the model's label prior; None before, or without priors
+    prior_shift: PriorShift | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         put = self._put
@@ -136,6 +149,7 @@ class DecisionOptions:
         if self.tta_mode not in VIEW_MODES:
             raise ConfigError(f"--tta-mode {self.tta_mode!r}: TTA mode must be one of {', '.join(VIEW_MODES)}"
                               f"{suggest(str(self.tta_mode), VIEW_MODES)}")
+        self._check_priors()
 
     def _put(self, name: str, value) -> None:
         object.__setattr__(self, name, value)  # frozen: each value is normalised once, here
@@ -175,6 +189,20 @@ class DecisionOptions:
             raise ConfigError("--ood ensemble needs --ood-threshold T (no validation scores are stored for an "
                               "ensemble; `taxonomist evaluate RUN --ensemble OTHER…` reports ood.ensemble.threshold)")
 
+    def _check_priors(self) -> None:
+        strength, floor = check_strength(self.prior_strength), check_floor(self.prior_floor)
+        self._put("prior_strength", strength)
+        self._put("prior_floor", floor)
+        if self.priors is None or self.priors == "":
+            self._put("priors", None)
+            if strength != DEFAULT_PRIOR_STRENGTH or floor != DEFAULT_PRIOR_FLOOR:
+                raise ConfigError("--prior-strength, --prior-floor: they set how --priors applies; give --priors "
+                                  "PRIORS.csv")
+        elif isinstance(self.priors, (str, Path)):
+            self._put("priors", ContextPriors.read(self.priors))   # read now: a bad file fails before any model
+        elif not isinstance(self.priors, ContextPriors):
+            raise ConfigError(f"--priors must be a CSV file or a ContextPriors, got {type(self.priors).__name__}")
+
     # ------------------------------------------------------------------------------------------ derived
     @classmethod
     def from_config(cls, config: DecideConfig, ranked: bool, **given) -> DecisionOptions:
@@ -212,12 +240,14 @@ class DecisionOptions:
         """The option that needs the PyTorch model (ODIN's input gradients, MC-dropout's dropout), if any."""
         return f"--ood {self.ood}" if self.ood in MODEL_OOD_METHODS else None
 
-    def resolve(self, taxonomy: Taxonomy, model_metric: str | None = None) -> DecisionOptions:
+    def resolve(self, taxonomy: Taxonomy, model_metric: str | None = None,
+                label_prior: Sequence[float] | None = None) -> DecisionOptions:
         """These options made concrete for a model: the candidate names (None kept: the rule's default set), the
-        thresholds checked against the taxonomy, the `auto` metric and (with `ood`) the fallback decided.
-        `model_metric` is the distance the model was trained with (its card's), used for `metric: auto`.
-        Resolving again is cheap."""
-        if self.resolved_for == taxonomy.hash and model_metric in (None, self.metric):
+        thresholds checked against the taxonomy, the `auto` metric, (with `ood`) the fallback decided and (with
+        `priors`) the priors resolved (`prior_shift`). `model_metric` is the distance the model was trained with
+        (its card's), used for `metric: auto`; `label_prior` the label frequencies it learned (its card's
+        `label_prior`; None: uniform), which the prior shift divides out. Resolving again is cheap."""
+        if self.resolved_for == taxonomy.hash and model_metric in (None, self.metric) and label_prior is None:
             return self
         metric = self.metric if self.metric != AUTO_METRIC else (model_metric or AUTO_METRIC)
         if metric == AUTO_METRIC:
@@ -230,6 +260,11 @@ class DecisionOptions:
         fallback = resolve_fallback(self.ood_fallback, taxonomy) if self.ood else self.ood_fallback
         out = dataclasses.replace(self, candidates=candidates, metric=metric, ood_fallback=fallback)
         out._put("resolved_for", taxonomy.hash)
+        if self.priors is not None:
+            shift = self.priors.resolve(taxonomy, label_prior, self.prior_strength, self.prior_floor)
+            if label_prior is None and self.prior_shift is not None and self.resolved_for == taxonomy.hash:
+                shift = self.prior_shift   # keep the label prior a first resolve was given
+            out._put("prior_shift", shift)
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -238,6 +273,7 @@ class DecisionOptions:
         out["candidates"] = None if self.candidates is None else (
             self.candidates if isinstance(self.candidates, str) else list(self.candidates))
         out["tta"] = self.tta if self.tta is None or isinstance(self.tta, str) else [v.name for v in self.tta]
+        out["priors"] = None if self.priors is None else self.priors.source
         return out
 
 
@@ -291,6 +327,12 @@ class Answers:
         expected_distance: (N,) the answer's expected distance under the probabilities (in the options' metric).
         decided: (N,) the rule's answers before the OOD fallback.
         ood_score, unknown: (N,) the OOD scores given and whether each reaches the threshold; None without.
+        probs: (N, L) the probabilities the rule decided on (after the context priors, when given).
+        raw_nodes, raw_names: (N,) with priors, the answers the same rule and OOD fallback give without them;
+            else None.
+        raw_probs: (N, L) with priors, the probabilities before them; else None.
+        prior_applied: (N,) with priors, True where the example's context shifted its probabilities; else None.
+        prior_conflict: (N,) with priors, True where its context's keys block every label together (unchanged).
     """
 
     nodes: np.ndarray
@@ -302,27 +344,34 @@ class Answers:
     decided: np.ndarray
     ood_score: np.ndarray | None = None
     unknown: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    raw_nodes: np.ndarray | None = None
+    raw_names: list[str] | None = None
+    raw_probs: np.ndarray | None = None
+    prior_applied: np.ndarray | None = None
+    prior_conflict: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
 
 
 def answer(probs: np.ndarray, taxonomy: Taxonomy, options: DecisionOptions,
-           ood_scores: np.ndarray | None = None, ood_threshold: float | None = None) -> Answers:
+           ood_scores: np.ndarray | None = None, ood_threshold: float | None = None,
+           contexts: Sequence | None = None) -> Answers:
     """The answers of `options.decision` for (N, L) probabilities over `taxonomy.labels` (calibrated: after the
     model's temperature, TTA and the ensemble's combination).
 
     With `ood_scores` (N,) an example is unknown when its score ≥ `ood_threshold` (default
     `options.ood_threshold`: give the threshold in use, e.g. the stored one that keeps `options.ood_tpr` of the
     known validation examples); an unknown's answer falls back to a coarse ancestor (`options.ood_fallback`)
-    unless the rule is argmax. `options` are resolved for `taxonomy` first when they are not yet.
+    unless the rule is argmax. With `options.priors`, each example's context (`contexts`, one per row: keys
+    joined by `;`; None or "" for none) shifts its probabilities before the rule (`decide.priors`), and the
+    answers without the priors are kept beside (`raw_nodes`). `options` are resolved for `taxonomy` first when
+    they are not yet (give `resolve(…, label_prior=…)` the model's label prior first; else it is uniform).
     """
     opts = options.resolve(taxonomy)
     p = as_probs(probs, n_cols=len(taxonomy.labels))
-    candidates = None if opts.candidates is None else list(opts.candidates)
-    decided = decide(p, taxonomy, opts.decision, candidates=candidates, metric=opts.metric,
-                     thresholds=opts.rule_thresholds, top_k=opts.top_k).nodes
-    nodes, score, unknown = decided, None, None
+    score = unknown = None
     if ood_scores is not None:
         score = np.asarray(ood_scores)
         if score.shape != (len(p),):
@@ -333,8 +382,16 @@ def answer(probs: np.ndarray, taxonomy: Taxonomy, options: DecisionOptions,
                               "DecisionOptions(ood_threshold=T)")
         unknown = np.asarray(score >= threshold, dtype=bool)  # compared at the scores' own precision
         score = score.astype(np.float64)
-        if opts.decision != "argmax" and unknown.any():
-            nodes = ood_fallback(decided, unknown, taxonomy, opts.ood_fallback, probs=p, candidates=candidates)
+    raw_nodes = raw_probs = applied = conflict = None
+    if opts.prior_shift is not None:
+        contexts = [None] * len(p) if contexts is None else list(contexts)
+        shifted, status = opts.prior_shift.apply(p, contexts)
+        applied, conflict = status == APPLIED, status == CONFLICT
+        raw_decided = _decide(p, taxonomy, opts)
+        raw_nodes = _fall_back(raw_decided, unknown, p, taxonomy, opts)
+        raw_probs, p = p, shifted
+    decided = _decide(p, taxonomy, opts)
+    nodes = _fall_back(decided, unknown, p, taxonomy, opts)
     level_nodes = answer_levels(taxonomy, nodes)
     blank = np.array([*taxonomy.names, ""], dtype=object)  # index -1 → ""
     levels = {name: blank[idx].tolist() for name, idx in level_nodes.items()}
@@ -348,7 +405,74 @@ def answer(probs: np.ndarray, taxonomy: Taxonomy, options: DecisionOptions,
     answered = np.unique(nodes)
     dist = distance_matrix(taxonomy, opts.metric, rows=taxonomy.labels, cols=[taxonomy.names[n] for n in answered])
     return Answers(nodes, [taxonomy.names[n] for n in nodes], answer_probability(p, taxonomy, nodes), levels,
-                   level_p, expected_distance(p, dist, np.searchsorted(answered, nodes)), decided, score, unknown)
+                   level_p, expected_distance(p, dist, np.searchsorted(answered, nodes)), decided, score, unknown,
+                   p, raw_nodes, None if raw_nodes is None else [taxonomy.names[n] for n in raw_nodes], raw_probs,
+                   applied, conflict)
+
+
+def _decide(p: np.ndarray, taxonomy: Taxonomy, opts: DecisionOptions) -> np.ndarray:
+    candidates = None if opts.candidates is None else list(opts.candidates)
+    return decide(p, taxonomy, opts.decision, candidates=candidates, metric=opts.metric,
+                  thresholds=opts.rule_thresholds, top_k=opts.top_k).nodes
+
+
+def _fall_back(decided: np.ndarray, unknown: np.ndarray | None, p: np.ndarray, taxonomy: Taxonomy,
+               opts: DecisionOptions) -> np.ndarray:
+    """The rule's answers with the unknowns' moved to their OOD fallback (argmax answers are only flagged)."""
+    if unknown is None or opts.decision == "argmax" or not unknown.any():
+        return decided
+    candidates = None if opts.candidates is None else list(opts.candidates)
+    return ood_fallback(decided, unknown, taxonomy, opts.ood_fallback, probs=p, candidates=candidates)
+
+
+def answer_records(answers: Answers, taxonomy: Taxonomy, options: DecisionOptions, top_k: int = TOP_SHOWN,
+                   ood_method: str | None = None, ood_threshold: float | None = None,
+                   contexts: Sequence | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready dict per example: what `serve` answers for an image and `predict --format jsonl` writes
+    per line. Keys: `decision` (the answer), `confidence` (P(answer)), `rank` (None for an unranked tree),
+    `lineage` (per rank or depth: the ancestor's name and probability), `top` (the `top_k` most probable labels),
+    `rule` (the decision rule, its metric, and whether the OOD fallback replaced the rule's answer); with OOD
+    scores `ood` (score, unknown, method, threshold); with priors `priors` (the example's context, whether the
+    priors applied, whether its keys conflicted) and `raw` (the answer, its confidence and the top labels without
+    them). Probabilities are rounded to 6 decimals; OOD scores
+    are not (ODIN's differ in the 7th).
+
+    >>> tax = Taxonomy.from_parents({"Fish": None, "Cod": "Fish", "Hake": "Fish"})
+    >>> opts = DecisionOptions("argmax")
+    >>> answer_records(answer(np.array([[0.7, 0.3]]), tax, opts), tax, opts, top_k=1)[0]["top"]
+    [{'name': 'Cod', 'p': 0.7}]
+    """
+    opts = options.resolve(taxonomy)
+    probs = answers.probs
+    labels = taxonomy.labels
+    k = min(int(top_k), len(labels))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    raw_top = None if answers.raw_probs is None else np.argsort(-answers.raw_probs, axis=1, kind="stable")[:, :k]
+    raw_conf = None if answers.raw_nodes is None else answer_probability(answers.raw_probs, taxonomy, answers.raw_nodes)
+    out = []
+    for i, name in enumerate(answers.names):
+        lineage = {level: {"name": names[i], "p": round(float(answers.level_probabilities[level][i]), 6)}
+                   for level, names in answers.levels.items() if names[i]}
+        record: dict[str, Any] = {
+            "decision": name, "confidence": round(float(answers.confidence[i]), 6),
+            "rank": taxonomy.rank(name) if taxonomy.has_ranks else None, "lineage": lineage,
+            "top": [{"name": labels[j], "p": round(float(probs[i, j]), 6)} for j in top[i].tolist()]}
+        if answers.ood_score is not None:
+            record["ood"] = {"score": float(answers.ood_score[i]), "unknown": bool(answers.unknown[i]),
+                             "method": ood_method or opts.ood, "threshold": None if ood_threshold is None
+                             else float(ood_threshold)}
+        record["rule"] = {"decision": opts.decision, "metric": opts.metric,
+                          "ood_fallback": bool(answers.nodes[i] != answers.decided[i])}
+        if answers.raw_nodes is not None:
+            context = None if contexts is None else contexts[i]
+            record["priors"] = {"context": None if context is None or context != context else str(context),  # NaN
+                                "applied": bool(answers.prior_applied[i]),
+                                "conflict": bool(answers.prior_conflict[i])}
+            record["raw"] = {"decision": answers.raw_names[i], "confidence": round(float(raw_conf[i]), 6),
+                             "top": [{"name": labels[j], "p": round(float(answers.raw_probs[i, j]), 6)}
+                                     for j in raw_top[i].tolist()]}
+        out.append(record)
+    return out
 
 
 def answer_levels(taxonomy: Taxonomy, nodes: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -372,4 +496,5 @@ def answer_levels(taxonomy: Taxonomy, nodes: Sequence[int] | np.ndarray) -> dict
     return out
 
 
-__all__ = ["DecisionOptions", "Answers", "answer", "answer_levels", "parse_thresholds", "AUTO_METRIC"]
+__all__ = ["DecisionOptions", "Answers", "answer", "answer_levels", "answer_records", "parse_thresholds", "AUTO_METRIC",
+           "TOP_SHOWN"]

@@ -41,7 +41,8 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
                      temperature: float = 1.0, options: DecisionOptions | None = None,
                      rank_logits: Mapping[str, np.ndarray] | None = None,
                      ood_scores: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                     ood_thresholds: Mapping[str, float] | None = None) -> OutputsEvaluation:
+                     ood_thresholds: Mapping[str, float] | None = None,
+                     contexts=None) -> OutputsEvaluation:
     """Every figure of an evaluation, computed once from arrays.
 
     Args:
@@ -55,6 +56,8 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
         ood_scores: per OOD method, (scores of the evaluated examples, scores of the `ood` examples).
         ood_thresholds: per method, the threshold in use (from calibration); a missing one is set at 95 %
             recall of these unknowns and marked so.
+        contexts: (N,) each example's context, for `options.priors` (`decide.priors`): the answers are decided
+            on the shifted probabilities, and `priors` in the metrics holds the answers' figures without them.
 
     The top-level `mhd`, `top1`, `macro_f1`, `distance_histogram` and `per_label` describe the chosen
     decision's answers (which may be internal nodes); probability-based figures (`per_rank`, `log_loss`,
@@ -82,8 +85,8 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
     m["decision"] = decision
     m["n_labels"] = len(labels)
 
-    chosen = answer(probs, taxonomy, options)
-    answer_cols = np.unique(chosen.nodes)
+    chosen = answer(probs, taxonomy, options, contexts=contexts)
+    answer_cols = np.unique(chosen.nodes if chosen.raw_nodes is None else np.r_[chosen.nodes, chosen.raw_nodes])
     d_answers = distance_matrix(taxonomy, metric, labels, [taxonomy.names[i] for i in answer_cols])
     distances = d_answers[targets, np.searchsorted(answer_cols, chosen.nodes)]
     answers = answer_metrics(targets, chosen.nodes, distances, taxonomy)
@@ -96,6 +99,17 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
     for key in ("mhd", "top1", "macro_f1", "distance_histogram", "answers"):
         m[key] = answers[key]
     m["per_label"] = per_label_table(truth_names, answer_names)
+    raw_distances = None
+    if chosen.raw_nodes is not None:
+        raw_distances = d_answers[targets, np.searchsorted(answer_cols, chosen.raw_nodes)]
+        without = answer_metrics(targets, chosen.raw_nodes, raw_distances, taxonomy)
+        shift = options.prior_shift
+        m["priors"] = {"file": shift.source, "sha256": shift.digest, "strength": shift.strength,
+                       "floor": shift.floor, "applied": int(chosen.prior_applied.sum()),
+                       "conflicts": int(chosen.prior_conflict.sum()),
+                       "changed": int((chosen.raw_nodes != chosen.nodes).sum()),
+                       "unknown_taxa": list(shift.unknown_taxa),
+                       "without": {k: without[k] for k in ("mhd", "top1", "macro_f1")}}
     if rank_logits:
         preds = [np.asarray(rank_logits[name]).argmax(1) for name, _, _ in level_matrices(taxonomy)
                  if name in rank_logits]
@@ -127,6 +141,10 @@ def evaluate_outputs(logits: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy
 
     columns = {"label": truth_names, "prediction": answer_names, "confidence": chosen.confidence.round(6),
                "distance": distances}
+    if raw_distances is not None:
+        columns["raw_prediction"] = np.asarray(chosen.raw_names, dtype=object)
+        columns["raw_distance"] = raw_distances
+        columns["prior_applied"] = chosen.prior_applied
     if decision != "argmax":
         columns["argmax"] = np.asarray(labels, dtype=object)[argmax]
         columns["argmax_confidence"] = probs[np.arange(len(argmax)), argmax].round(6)

@@ -42,6 +42,10 @@ class Evaluation:
                  f"  hierarchical accuracy       {m['hierarchical_accuracy']:.3f}"]
         if "argmax" in m:
             lines.append(f"  (argmax: MHD {m['argmax']['mhd']:.3f}, top-1 {m['argmax']['top1']:.3f})")
+        if "priors" in m:
+            pr = m["priors"]
+            lines.append(f"  (without the priors: MHD {pr['without']['mhd']:.3f}, top-1 {pr['without']['top1']:.3f}; "
+                         f"they applied to {pr['applied']} examples and changed {pr['changed']} answers)")
         for level, v in m["per_rank"].items():
             lines.append(f"  {level:<12} top-1 {v['top1']:.3f}  top-5 {v['top5']:.3f}  n={v['n']}")
         for method, v in (m.get("ood") or {}).items():
@@ -103,6 +107,8 @@ def predictions_frame(rows: pd.DataFrame, indices, columns: dict, notes: list[st
     for col in ("annotation_id", "image_id"):
         if col in sub.columns:
             frame.insert(1, col, sub[col].to_numpy())
+    if "prior_applied" in columns and "context" in sub.columns:
+        frame["context"] = sub["context"].to_numpy()
     return frame
 
 
@@ -175,7 +181,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                  model_ood_options: Mapping[str, dict] | None = None,
                  ensemble: Sequence[str | Path] = (), trust_code: bool = False,
                  top_k: int | None = None, tta=None, tta_mode: str | None = None,
-                 options: DecisionOptions | None = None) -> Evaluation:
+                 options: DecisionOptions | None = None, priors=None, prior_strength: float | None = None,
+                 prior_floor: float | None = None) -> Evaluation:
     """Run a model — a run directory (its best checkpoint), a checkpoint or an exported `.onnx` file — over `split`
     of the dataset and write metrics.json + predictions.csv into `out` (default: the run directory, else the
     model's folder). `split` falls back to the validation rows when the dataset has no test split.
@@ -191,6 +198,9 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             such as `rot2+flip` or `d4`, True for `DEFAULT_TTA`: the views' calibrated probabilities merged per
             image, on the evaluated split and the `ood` rows; OOD scores read the views' mean features and raw
             logits).
+        priors, prior_strength, prior_floor: context priors as `predict --priors` applies them (a
+            `context,taxon,weight` CSV, `decide.priors`), to the dataset's `context` column; metrics.json gets
+            `priors` with the answers' figures without them, predictions.csv `raw_prediction`.
         ood_scorers: fitted `OODScorer`s by method; default: those stored beside the model
             (`best.ood.safetensors`). With scorers and `ood` rows in the dataset, metrics.json gets `ood`.
         model_ood: OOD scores that need the model (`odin`, `mc-dropout`; `inference.ood_model`; PyTorch
@@ -222,7 +232,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
     card = read_card(ckpt)
     given = dict(decision=decision, candidates=candidates, thresholds=thresholds, top_k=top_k, tta=tta,
-                 tta_mode=tta_mode)
+                 tta_mode=tta_mode, priors=priors, prior_strength=prior_strength, prior_floor=prior_floor)
     if options is None:
         dcfg = run_cfg.decide if run_cfg is not None else Config().decide
         options = DecisionOptions.from_config(dcfg, card.taxonomy.has_ranks, **given)
@@ -242,10 +252,13 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     _refuse_out_over_inputs(out_dir, data, [ckpt, *ensemble], options.candidates)
     model, card, taxonomy = load_model(ckpt, device=str(dev), trust_code=trust_code)
     spec = candidates_text(options.candidates)
-    options = options.resolve(taxonomy, model_metric=card.metric)
+    options = options.resolve(taxonomy, model_metric=card.metric, label_prior=card.label_prior)
     dataset = _open_dataset(data, taxonomy)
     rows, used_split = rows_for_split(dataset, run_dir, split)
     rows = rows[rows["label"] != ""]
+    if options.priors is not None and "context" not in rows.columns:
+        raise DataError(f"{dataset.root / 'annotations.csv'}: no 'context' column; --priors applies to each "
+                        "example's context (e.g. region=Monterey;depth=200-400)")
     unknown = sorted(set(rows["label"]) - set(taxonomy.labels))
     if unknown:
         raise DataError(f"{dataset.root}: label {unknown[0]!r} was not among the model's training labels "
@@ -300,7 +313,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     # with TTA the temperature was applied to every view before merging
     result = evaluate_outputs(res.logits, res.targets, taxonomy, card.distance_metric,
                               temperature=1.0 if tta_views else card.temperature, options=options,
-                              rank_logits=res.rank_logits, ood_scores=ood_scores, ood_thresholds=ood_thr)
+                              rank_logits=res.rank_logits, ood_scores=ood_scores, ood_thresholds=ood_thr,
+                              contexts=rows["context"].to_numpy()[res.indices] if options.priors is not None else None)
     m = result.metrics
     for method in set(m.get("ood") or {}) & set(ood_thr) - set(ood_scorers or {}):
         m["ood"][method]["threshold_source"] = ("stored at calibration" if method in stored_thr else

@@ -432,6 +432,8 @@ def prepare_run(cfg: Config, *, progress: bool, resume: bool, log) -> TrainingRu
                  "input": input_col, "context": _context_scale(train_rows, two_stream or input_col == "context_path")},
         "monitor": cfg.train.monitor,
     }
+    if cfg.loss.class_weights == "none":  # a class-weighted loss learns a flatter prior: the card says uniform
+        run.base_meta["label_prior"] = [round(float(c) / float(counts.sum()), 8) for c in counts]
     return run
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from taxonomist.deploy.serve.batcher import BatcherStopped, MicroBatcher
 from taxonomist.deploy.serve.boxes import parse_bbox
-from taxonomist.deploy.serve.predictor import Predictor, ServeOptions
+from taxonomist.deploy.serve.predictor import Predictor, ServeOptions, WithContext
 from taxonomist.deploy.serve.uploads import (
     MAX_DECODES,
     MAX_IMAGE_PIXELS,
@@ -187,7 +187,8 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
             return JSONResponse({"status": "error", "error": batcher.failure or "the batching thread is not running",
                                  "model": predictor.info["model"]}, status_code=503)
         return {"status": "ok", "model": predictor.info["model"], "decision": predictor.decision.decision,
-                "auth": token is not None, "inputs": predictor.inputs(), "batching": batcher.stats.as_dict()}
+                "auth": token is not None, "inputs": predictor.inputs(), "batching": batcher.stats.as_dict(),
+                **predictor.priors_info()}
 
     @app.get("/taxonomy", summary="The model's taxonomy: nodes with parent and rank, and its labels")
     async def taxonomy():
@@ -202,8 +203,12 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
         "properties": {
             "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                      "description": "one or several images (repeat the field): crops, or full frames with 'bbox'"},
-            "context": {"type": "array", "items": {"type": "string", "format": "binary"},
-                        "description": "two-stream models: the context crop of each 'file', in the same order"},
+            "context": {"type": "array", "items": {"type": "string"},
+                        "description": "a file: a two-stream model's context crop of each 'file', in the same "
+                                       "order. Text (a service started with --priors): where the images were "
+                                       "taken, e.g. region=Monterey;depth=200-400, once for every file or once "
+                                       "per file; each answer then adds 'priors' and 'raw', the answer without "
+                                       "them"},
             "bbox": {"type": "array", "items": {"type": "string", "example": "120,80,64,48"},
                      "description": "x,y,w,h in pixels of each 'file' (a full frame), in the same order: the "
                                     "service cuts the ROI and, for two-stream models, the context as `data "
@@ -259,7 +264,8 @@ def create_app(model: str | Path | Predictor, options: ServeOptions | None = Non
             for job in jobs:  # each upload is checked and decoded before any joins a batch
                 pixels = await _job_pixels(job, max_image_pixels)
                 async with budget.reserve(pixels):
-                    inputs.append(await run_in_threadpool(_prepare, predictor, job, max_image_pixels))
+                    prepared = await run_in_threadpool(_prepare, predictor, job, max_image_pixels)
+                    inputs.append(prepared if job.prior_context is None else WithContext(prepared, job.prior_context))
                 job.data = job.context_data = b""  # the bytes are done with: free them while the batch waits
         except UploadError as e:
             return error(e.status, e.message)
@@ -344,6 +350,7 @@ class _Job:
     context_name: str | None = None
     context_data: bytes | None = None
     bbox: tuple[float, float, float, float] | None = None
+    prior_context: str | None = None          # a text `context` field: the keys the priors read
 
     def answer(self, answer: dict) -> dict:
         extra = {"bbox": list(self.bbox)} if self.bbox is not None else {}
@@ -355,7 +362,9 @@ class _Job:
 async def _read_form(form, predictor: Predictor, max_files: int) -> list[_Job]:
     """The request's images paired with their `context` files or `bbox` fields (by order); an `UploadError`
     (400) naming the field for every way they do not fit together or the model."""
-    files, contexts, boxes = form.getlist("file"), form.getlist("context"), form.getlist("bbox")
+    files, boxes = form.getlist("file"), form.getlist("bbox")
+    contexts = [v for v in form.getlist("context") if not isinstance(v, str)]     # context crops (two-stream)
+    keys = [v for v in form.getlist("context") if isinstance(v, str)]             # context keys (--priors)
     if not files:
         raise UploadError(400, "no image: send one or more files in the multipart field 'file'")
     if any(isinstance(v, str) for v in files):
@@ -363,8 +372,13 @@ async def _read_form(form, predictor: Predictor, max_files: int) -> list[_Job]:
     if len(files) > max_files:
         raise UploadError(400, f"{len(files)} files in the field 'file' exceed the limit of {max_files} images per "
                                "request (--max-files)")
-    if any(isinstance(v, str) for v in contexts):
-        raise UploadError(400, "the field 'context' must carry files (the context crop of each image), not text")
+    if keys and predictor.decision.priors is None:
+        raise UploadError(400, "field 'context': text is the context the priors read (e.g. region=Monterey), and this "
+                               "service was started without --priors; send context crops as files, or start it with "
+                               "--priors PRIORS.csv")
+    if len(keys) not in (0, 1, len(files)):
+        raise UploadError(400, f"field 'context': {len(keys)} texts for {len(files)} files in 'file'; send one context "
+                               "for every file, or one per file in the same order")
     if any(not isinstance(v, str) for v in boxes):
         raise UploadError(400, "the field 'bbox' must be text x,y,w,h (pixels of the frame), not a file")
     if contexts and boxes:
@@ -390,6 +404,8 @@ async def _read_form(form, predictor: Predictor, max_files: int) -> list[_Job]:
         if contexts:
             job.context_name = contexts[k].filename or f"context{k + 1}"
             job.context_data = await contexts[k].read()
+        if keys:
+            job.prior_context = keys[0] if len(keys) == 1 else keys[k]
         jobs.append(job)
     return jobs
 

@@ -10,18 +10,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from taxonomist.card import ModelCard
 from taxonomist.decide import ENSEMBLE_OOD_METHOD, MODEL_OOD_METHODS, OOD_METHODS, DecisionOptions, answer, \
-    apply_temperature
+    answer_records, apply_temperature
+from taxonomist.decide.answer import TOP_SHOWN
 from taxonomist.errors import ConfigError, ModelError
 from taxonomist.taxonomy import suggest
 
 #: Alternatives listed per image.
-TOP_K = 5
+TOP_K = TOP_SHOWN
+
+
+class WithContext(NamedTuple):
+    """A preprocessed input with the context its answer's priors read (`context` form field, --priors)."""
+
+    input: Any
+    context: str | None
 #: `--ood` methods of the service: those of `predict` but `ensemble` (one model). `odin` and `mc-dropout` run
 #: the PyTorch model again per batch (`inference.ood_model`), with the options it was calibrated with.
 SERVE_OOD_METHODS = (*OOD_METHODS, *MODEL_OOD_METHODS)
@@ -101,7 +109,7 @@ class Predictor:
         device = select_device(options.device)
         model, card, taxonomy = load_model(path, device=str(device), trust_code=options.trust_code,
                                            engine=options.engine, needs_torch=options.decide.needs_torch)
-        decision = options.decide.resolve(taxonomy, model_metric=card.metric)
+        decision = options.decide.resolve(taxonomy, model_metric=card.metric, label_prior=card.label_prior)
         scorer = threshold = ood_options = None
         if decision.ood:
             how = member_ood_scorers([path], decision.ood, decision.ood_threshold, decision.ood_tpr)[0]
@@ -132,7 +140,16 @@ class Predictor:
                 "ood": ({"method": self.decision.ood, "threshold": self.ood_threshold}
                         if self.decision.ood else None),
                 "epoch": card.epoch, "device": str(self.device), "engine": self.engine,
-                "inputs": self.inputs()}
+                "inputs": self.inputs(), **self.priors_info()}
+
+    def priors_info(self) -> dict:
+        """With --priors: the file, its contexts and its settings (what `GET /health` and `/metadata` add)."""
+        shift = self.decision.prior_shift
+        if shift is None:
+            return {}
+        return {"priors": {"file": Path(shift.source).name, "sha256": shift.digest, "contexts": sorted(shift.index),
+                           "strength": shift.strength, "floor": shift.floor,
+                           "unknown_taxa": list(shift.unknown_taxa)}}
 
     @property
     def engine(self) -> str:
@@ -195,11 +212,13 @@ class Predictor:
         return self.transform(image)
 
     def predict_images(self, inputs: Sequence) -> list[dict]:
-        """Preprocessed inputs (from `preprocess`: images, or (ROI, context) pairs for a two-stream model) → one
-        answer dict per image (no filename)."""
+        """Preprocessed inputs (from `preprocess`: images, or (ROI, context) pairs for a two-stream model; either
+        wrapped in `WithContext` to give the priors a context) → one answer dict per image (no filename)."""
         import torch
 
         items = list(inputs)
+        keys = [item.context if isinstance(item, WithContext) else None for item in items]
+        items = [item.input if isinstance(item, WithContext) else item for item in items]
         if self.two_stream:
             images = torch.stack([roi for roi, _ in items]).to(self.device)
             contexts = torch.stack([context for _, context in items]).to(self.device)
@@ -210,7 +229,7 @@ class Predictor:
         logits = out["logits"].float().cpu().numpy().astype(np.float64)
         features = out["features"].float().cpu().numpy()
         scores = self._model_ood_scores(images, contexts) if self.decision.ood in MODEL_OOD_METHODS else None
-        return self.answers(logits, features, scores)
+        return self.answers(logits, features, scores, keys if self.decision.priors is not None else None)
 
     def _model_ood_scores(self, images, contexts) -> np.ndarray:
         """ODIN or MC-dropout scores of one batch, with the calibrated options (`ood_model.model_ood_batch`;
@@ -223,10 +242,12 @@ class Predictor:
         return model_ood_batch(self.decision.ood, self.model, images, contexts, self.temperature, pre.std,
                                self.ood_options)
 
-    def answers(self, logits: np.ndarray, features: np.ndarray, ood_scores: np.ndarray | None = None) -> list[dict]:
-        """Raw logits and features of a batch → answers (`decide.answer`): decision, P(answer), lineage with P per
-        level, top labels, and the OOD score and flag when an OOD method is set (`ood_scores`: the batch's scores
-        of a model OOD method, computed by the caller)."""
+    def answers(self, logits: np.ndarray, features: np.ndarray, ood_scores: np.ndarray | None = None,
+                contexts: Sequence | None = None) -> list[dict]:
+        """Raw logits and features of a batch → answers (`decide.answer`, `decide.answer_records`): decision,
+        P(answer), lineage with P per level, top labels, the rule, and the OOD score and flag when an OOD method
+        is set (`ood_scores`: the batch's scores of a model OOD method, computed by the caller); with --priors,
+        each image's context (`contexts`) shifts its probabilities and the answer without it is kept (`raw`)."""
         tax = self.taxonomy
         probs = apply_temperature(logits, self.temperature)
         scores = None
@@ -234,23 +255,8 @@ class Predictor:
             # predict scores the raw (untempered) logits; the stored thresholds were fitted on those
             scores = np.asarray(ood_scores if ood_scores is not None else
                                 self.ood_scorer.score(features, logits.astype(np.float32)), dtype=np.float64)
-        answers = answer(probs, tax, self.decision, scores, self.ood_threshold)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
-        labels = tax.labels
-        out = []
-        for i, name in enumerate(answers.names):
-            lineage = {level: {"name": names[i], "p": round(float(answers.level_probabilities[level][i]), 6)}
-                       for level, names in answers.levels.items() if names[i]}
-            result: dict[str, Any] = {
-                "decision": name, "confidence": round(float(answers.confidence[i]), 6),
-                "rank": tax.rank(name) if tax.has_ranks else None, "lineage": lineage,
-                "top": [{"name": labels[j], "p": round(float(probs[i, j]), 6)} for j in top[i].tolist()]}
-            if scores is not None:
-                # unrounded, as predict writes it: ODIN's scores differ in the 7th decimal
-                result["ood"] = {"score": float(answers.ood_score[i]), "unknown": bool(answers.unknown[i]),
-                                 "method": self.decision.ood, "threshold": float(self.ood_threshold)}
-            out.append(result)
-        return out
+        answers = answer(probs, tax, self.decision, scores, self.ood_threshold, contexts=contexts)
+        return answer_records(answers, tax, self.decision, TOP_K, self.decision.ood, self.ood_threshold, contexts)
 
     def taxonomy_table(self) -> dict:
         """`GET /taxonomy`: the nodes with parent and rank, and the training labels."""
