@@ -1,5 +1,6 @@
 """`taxonomist predict`: run one checkpoint, an exported ONNX model or an ensemble over images and write a
-decisions CSV or a Kaggle submission (`taxonomist.inference.predict`); under torchrun, sharded over processes."""
+decisions CSV, a Kaggle submission, Darwin Core or JSON lines, and optionally the images' embeddings as Parquet
+(`taxonomist.inference.predict`); under torchrun, sharded over processes."""
 from __future__ import annotations
 
 #: decide.DECISIONS and inference.predict.PREDICT_OOD_METHODS, spelled out so that `--help` needs no
@@ -7,6 +8,8 @@ from __future__ import annotations
 DECISION_CHOICES = ("argmax", "min-risk", "backoff", "selective", "rollup", "common-ancestor")
 OOD_CHOICES = ("auto", "msp", "max-logit", "energy", "mahalanobis", "knn", "relative-mahalanobis", "vim",
                "react-energy", "odin", "mc-dropout", "ensemble")
+#: inference.formats.FORMATS (checked by tests/inference/test_formats.py)
+FORMAT_CHOICES = ("csv", "kaggle", "dwc", "jsonl")
 #: inference.onnx_model.ENGINES (checked by tests/inference/test_engine.py)
 ENGINE_CHOICES = ("auto", "torch", "onnx")
 ENGINE_HELP = ("what runs a checkpoint: auto = onnxruntime on CPU (the checkpoint exported to ONNX once, cached in "
@@ -18,9 +21,12 @@ examples:
   taxonomist predict runs/demo/run --images photos/ --out p.csv
   taxonomist predict RUN/checkpoints/best.safetensors --images DIR --decision min-risk --out p.csv
   taxonomist predict RUN --images test.csv --decision min-risk --candidates fathomnet2025 --format kaggle --out sub.csv
+  taxonomist predict RUN --images frames.csv --decision min-risk --candidates all --format dwc --out occurrences.csv
+  taxonomist predict RUN --images DIR --format jsonl --out answers.jsonl --embeddings features.parquet
   taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood energy --ood-tpr 0.95 --out p.csv
   taxonomist predict fold_0 fold_1 fold_2 --images DIR --ensemble-mode geometric --tta --out p.csv
   taxonomist predict RUN --images DIR --decision min-risk --candidates all --ood odin --out p.csv
+  taxonomist predict RUN --images sites.csv --priors priors.csv --decision min-risk --candidates all --out p.csv
   taxonomist predict fold_0 fold_1 fold_2 --images DIR --ood ensemble --ood-threshold 0.05 --out p.csv
   taxonomist predict model.onnx --images DIR --out p.csv                  # exported with `taxonomist export`
   taxonomist predict hf-hub:my-lab/plankton@v2 --images DIR --out p.csv   # from the Hugging Face Hub (or its cache)
@@ -34,6 +40,24 @@ answer's ancestor there, expected_distance (the answer's expected distance under
 --ood also ood_score,unknown, then the input's other columns. Unreadable images get no row and are listed.
 --format kaggle writes annotation_id,concept_name for every input row, validated first (each id once, every
 name a candidate); there an unreadable image is an error unless --fill-unreadable.
+--format dwc writes Darwin Core terms only, one identification per answered image: occurrenceID (the input's
+occurrenceID or annotation_id column, else the path), identificationID, associatedMedia (the input's
+associatedMedia or url column, else the path), scientificName, verbatimIdentification,
+identificationQualifier (open nomenclature: 'sp.' for a genus, 'indet.' above it, and a species answer with
+P < 0.5 or flagged unknown is published at its genus as 'cf. epithet'), taxonRank, kingdom ... genus,
+specificEpithet, identificationRemarks (rule, P, OOD verdict), identifiedBy (taxonomist version, model name and
+SHA-256), dateIdentified (the run's UTC time). An unranked tree leaves the rank columns empty.
+--format jsonl writes one JSON object per answered image: path, the answer as `serve` returns it (decision,
+confidence, rank, lineage with P per level, top labels, OOD score, rule) and `input` (the other input columns).
+--embeddings FILE.parquet also writes each answered image's pooled features (pip install 'taxonomist[parquet]'):
+path, the input's id columns, and `embedding` (a list of floats; `embedding_0`, `embedding_1`, ... for an
+ensemble's members; with --tta the mean over the views); the file's metadata names model, SHA-256 and width.
+
+Context priors: --priors priors.csv reweights each image by its `context` (e.g. region=Monterey;depth=200-400,
+keys joined by ';', each with its own rows): p(y|x,c) ∝ p(y|x)·(π_c(y)/π_train(y))^λ, before the decision. A
+blocked species' probability goes to the labels that remain, so min-risk with --candidates all answers their
+genus rather than an arbitrary sibling. A context absent from the file changes nothing. The csv output adds
+raw_prediction (the answer without the priors) and prior_applied (docs/decisions.md, "Context priors").
 
 Decisions: argmax (most probable label), min-risk (least expected taxonomic distance over the candidates),
 backoff (climb from the top label until a rank's threshold is met: --thresholds species=0.55,genus=0.6,…),
@@ -78,7 +102,8 @@ on a filesystem every node shares.
 
 
 def register(sub, formatter):
-    p = sub.add_parser("predict", help="predict images with a checkpoint or an ensemble → CSV",
+    p = sub.add_parser("predict",
+                       help="predict images with a checkpoint or an ensemble → CSV, Darwin Core, JSON lines",
                        description="Predict images with one checkpoint or an ensemble and write the decisions.",
                        epilog=EXAMPLE, formatter_class=formatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
@@ -86,7 +111,7 @@ def register(sub, formatter):
                         "model, a Hub folder or hf-hub:ORG/NAME[@REVISION]; several = an ensemble")
     p.add_argument("--images", required=True, metavar="DIR_OR_CSV",
                    help="a folder of images, a CSV with a path column, or a dataset directory")
-    p.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file, in --format (written atomically)")
     p.add_argument("--decision", choices=DECISION_CHOICES, default="argmax", help="decision rule")
     p.add_argument("--candidates", metavar="FILE|all|fathomnet2025", default=None,
                    help="names an answer may take (default: see below)")
@@ -109,10 +134,15 @@ def register(sub, formatter):
                         "with P >= this probability (min-risk, backoff, selective); auto = order or depth 1")
     p.add_argument("--tta", nargs="?", const="rot2+flip", default=None, metavar="SPEC",
                    help="test-time augmentation; alone = rot2+flip (4 views)")
+    add_prior_arguments(p, "each image's `context` column (a CSV or dataset input)")
     p.add_argument("--tta-mode", choices=("mean_probs", "mean_logits"), default="mean_probs",
                    help="merge TTA views by their mean probabilities or mean logits")
-    p.add_argument("--format", dest="fmt", choices=("csv", "kaggle"), default="csv",
-                   help="csv: decisions with per-rank columns; kaggle: annotation_id,concept_name")
+    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="csv",
+                   help="csv: decisions with per-rank columns; kaggle: annotation_id,concept_name; dwc: Darwin Core "
+                        "identifications (GBIF, OBIS); jsonl: one JSON answer per image, as serve gives it")
+    p.add_argument("--embeddings", default=None, metavar="FILE.parquet",
+                   help="also write each image's pooled features to this Parquet file (for clustering, "
+                        "deduplication, active learning; needs the parquet extra)")
     p.add_argument("--fill-unreadable", action="store_true",
                    help="kaggle: answer unreadable images with the candidate nearest to all labels instead of failing")
     p.add_argument("--strict", action="store_true",
@@ -135,6 +165,19 @@ def register(sub, formatter):
     p.set_defaults(func=run)
 
 
+def add_prior_arguments(p, where: str) -> None:
+    """--priors, --prior-strength, --prior-floor (predict, evaluate, serve)."""
+    p.add_argument("--priors", default=None, metavar="PRIORS.csv",
+                   help=f"context priors: a CSV context,taxon,weight (0 blocks, 1 allows, other values are relative "
+                        f"frequencies or counts; a taxon's weight applies to every label under it), applied to {where} "
+                        "as a prior shift before the decision; the answer without it is kept as raw_prediction")
+    p.add_argument("--prior-strength", type=float, default=1.0, metavar="λ",
+                   help="how much the priors count: 1 = Bayes' rule (default), 0 = not at all")
+    p.add_argument("--prior-floor", type=float, default=0.1, metavar="F",
+                   help="weight of a label an allow list or count table does not name, as a share of the mean "
+                        "listed weight (default 0.1: site lists are never complete)")
+
+
 def decision_options(args, **extra):
     """The `DecisionOptions` of the decision and OOD flags that predict and serve share (checked there, each
     message naming its flag)."""
@@ -143,6 +186,7 @@ def decision_options(args, **extra):
     return DecisionOptions(decision=args.decision, candidates=args.candidates, thresholds=args.thresholds,
                            selective_threshold=args.selective_threshold, top_k=args.top_k, ood=args.ood,
                            ood_threshold=args.ood_threshold, ood_tpr=args.ood_tpr, ood_fallback=args.ood_fallback,
+                           priors=args.priors, prior_strength=args.prior_strength, prior_floor=args.prior_floor,
                            **extra)
 
 
@@ -167,6 +211,6 @@ def run(args) -> int:
         batch_size=args.batch_size, device=args.device, num_workers=args.workers,
         ensemble_mode=args.ensemble_mode, weights=weights, split=args.split, progress=sys.stderr.isatty(),
         chunk_size=args.chunk_size, resume=args.resume, strict=args.strict, trust_code=args.trust_code,
-        engine=args.engine)
+        engine=args.engine, embeddings=args.embeddings)
     print(summary.summary())
     return 0

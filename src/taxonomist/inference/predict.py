@@ -3,7 +3,8 @@ dataset, to a decisions CSV.
 
 Each member applies its own preprocessing, temperature and optional TTA (`inference.members`); `decide.answer`
 turns the combined probabilities and OOD scores into answers, and `--format kaggle` writes a validated
-submission (`inference.submission`). The input is processed in chunks whose decisions are kept as part files
+submission (`inference.submission`); Darwin Core, JSON lines and the embeddings' Parquet file are
+`inference.formats`'. The input is processed in chunks whose decisions are kept as part files
 (`inference.sharding`), so that a run can resume after a kill and can be spread over processes with torchrun.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +23,8 @@ from taxonomist.card import ModelCard
 from taxonomist.decide import (COMBINE_MODES, PREDICT_OOD_METHODS, DecisionOptions, answer, answer_levels,
                                combine_probs)
 from taxonomist.errors import ConfigError, DataError, ModelError
+from taxonomist.inference.formats import (FORMATS, ModelIdentity, Provenance, check_embeddings_path, chunk_outputs,
+                                          dwc_table, require_pyarrow, write_embeddings, write_jsonl)
 from taxonomist.inference.images import IMAGE_EXTENSIONS, ImageInput, read_images
 from taxonomist.inference.members import (Member, check_ood_members, member_ood_scorers, ood_scores,
                                           run_members)
@@ -30,7 +34,6 @@ from taxonomist.inference.submission import annotation_ids, check_kaggle_submiss
 from taxonomist.taxonomy import Taxonomy, suggest
 from taxonomist.utils.files import atomic_path
 
-FORMATS = ("csv", "kaggle")
 #: The `DecisionOptions` fields `predict` also takes as keywords (the keyword path of earlier versions), and the
 #: old name of one of them.
 DECISION_KEYWORDS = frozenset(f for f in DecisionOptions.__dataclass_fields__ if f != "resolved_for")
@@ -58,6 +61,11 @@ class PredictSummary:
     processes: int = 1                                 # torchrun's WORLD_SIZE
     rank: int = 0                                      # this process; only rank 0 writes `out`
     engines: tuple = ()                                # what ran the models: onnxruntime, PyTorch (none if resumed)
+    #: with --priors: rows whose context shifted the probabilities, whose answer changed, whose keys conflicted,
+    #: and the taxa the priors file names that the model does not know
+    priors: dict | None = None
+    embeddings: Path | None = None                     # --embeddings: the Parquet file written
+    embedding_dims: tuple = ()                         # its feature width per model
 
     @property
     def images_per_s(self) -> float:
@@ -73,10 +81,16 @@ class PredictSummary:
         engines = f" with {' and '.join(self.engines)}" if self.engines else ""
         lines = [f"predicted {self.n_predicted} of {self.n_images} images ({self.decision}, {members}{tta}{procs})"
                  f"{engines} in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s); wrote {self.out} ({self.fmt})"]
+        if self.embeddings is not None:
+            width = " + ".join(str(d) for d in self.embedding_dims)
+            lines.append(f"wrote the pooled features of {self.n_predicted} images ({width} per image) to "
+                         f"{self.embeddings}")
         if self.chunks_resumed:
             lines.append(f"resumed: {self.chunks_resumed} of {self.chunks} chunks were already predicted")
         if self.n_unknown is not None:
             lines.append(f"{self.n_unknown} image(s) flagged unknown by the OOD score")
+        if self.priors is not None:
+            lines.append(prior_summary(self.priors, self.n_predicted))
         if self.skipped:
             shown = "; ".join(f"{p} ({r})" for p, r in self.skipped[:3])
             more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
@@ -91,7 +105,8 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             ensemble_mode: str = "arithmetic", weights: Sequence[float] | None = None, progress: bool = True,
             split: str | None = None, num_workers: int = -1, fill_unreadable: bool = False,
             chunk_size: int = DEFAULT_CHUNK_SIZE, resume: bool = False, strict: bool = False,
-            trust_code: bool = False, engine: str = "auto", **decision) -> PredictSummary:
+            trust_code: bool = False, engine: str = "auto", embeddings: str | Path | None = None,
+            **decision) -> PredictSummary:
     """Predict every image of `images` with one model or an ensemble, and write `out`.
 
     Args:
@@ -131,6 +146,17 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             `kaggle` — `annotation_id,concept_name` for every input row, validated before writing; an
             unreadable image is an error unless `fill_unreadable` (then it gets the candidate with the least
             mean distance to the labels, and the summary says how many).
+            `dwc` — Darwin Core: one identification per answered row with Darwin Core terms only (`occurrenceID`,
+            `identificationID`, `associatedMedia`, `scientificName`, the qualifier, rank and lineage, remarks,
+            `identifiedBy`, `dateIdentified`; `inference.formats.dwc_table` says how each is filled).
+            `jsonl` — one JSON object per answered image: `path`, the answer as `serve` returns it (decision,
+            confidence, rank, lineage with P per level, top labels, OOD, the rule; the raw answer with priors) and
+            `input`, the input's other columns (`inference.formats.jsonl_lines`).
+        embeddings: also write each answered image's pooled features to this Parquet file (needs pyarrow, the
+            `parquet` extra): `path`, the input's `occurrenceID`/`annotation_id`/`image_id` columns, and a
+            fixed-size list<float32> column `embedding` (`embedding_0`, `embedding_1`, … per ensemble member); with
+            TTA the mean over the views. The file's metadata names each column's model, SHA-256 and width
+            (`inference.formats.read_embeddings_metadata`).
         chunk_size: rows per chunk. Each chunk's decisions are written atomically to `OUT.parts/` and the
             folder is removed once `out` is written. Every row's answer depends on that row alone (the OOD
             threshold comes from the stored calibration), so chunks are independent.
@@ -145,14 +171,15 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             PyTorch, as on CUDA and MPS. `torch` and `onnx` force one (`onnx` refuses what it cannot run). An
             `.onnx` file always runs on onnxruntime. Answers agree across engines; probabilities within ~1e-5.
 
-    `out` may not be one of the inputs (the images CSV, the dataset's annotations.csv or taxonomy.csv, an image, a
-    model file, the candidates file): that is refused before anything runs.
+    `out` and `embeddings` may not be one of the inputs (the images CSV, the dataset's annotations.csv or
+    taxonomy.csv, an image, a model file, the candidates file) nor each other: that is refused before anything runs.
 
     Under torchrun (WORLD_SIZE > 1) chunk c goes to rank c mod WORLD_SIZE (gloo on CPU, nccl on CUDA, each
     rank on cuda:LOCAL_RANK), and rank 0 merges the parts in chunk order once every rank is done, so the
     output equals a single-process run. With several nodes `out` must be on a filesystem they share.
 
-    Returns a `PredictSummary` (on ranks other than 0, of that rank's chunks). The output is written atomically.
+    Returns a `PredictSummary` (on ranks other than 0, of that rank's chunks). The outputs are written atomically,
+    once every chunk is done.
     """
     from taxonomist.inference.model_file import read_card, resolve_model
     from taxonomist.inference.onnx_model import choose_engine
@@ -166,6 +193,9 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         if value not in allowed:
             raise ConfigError(f"unknown {what} {value!r}{suggest(str(value), allowed)}; "
                               f"choose one of {', '.join(allowed)}")
+    if embeddings is not None:
+        embeddings = check_embeddings_path(embeddings)
+        require_pyarrow()  # now, not after a pass over the images
     for value, what in ((batch_size, "batch size"), (chunk_size, "chunk size")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what} must be a positive integer, got {value!r}")
@@ -190,10 +220,15 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     spec = options.candidates
     if spec is None and fmt == "kaggle":
         options = options.replace(candidates="")  # a submission may only name labels the scorer knows
-    options = options.resolve(taxonomy, model_metric=cards[0].metric)
+    options = options.resolve(taxonomy, model_metric=cards[0].metric, label_prior=cards[0].label_prior)
     tta_views = views_for(options.tta)
     images_in = read_images(images, split)
+    _check_contexts(options, images_in)
     _refuse_out_over_inputs(out, ckpts, images_in, spec)
+    if embeddings is not None:
+        _refuse_out_over_inputs(embeddings, ckpts, images_in, spec, option="--embeddings")
+        if embeddings.resolve() == Path(out).expanduser().resolve():
+            raise ConfigError(f"--embeddings {embeddings} is also --out; give the embeddings a file of their own")
     ids = annotation_ids(images_in) if fmt == "kaggle" else None
 
     shard = Shard.from_env()
@@ -204,7 +239,8 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         dev = torch.device("cuda", shard.local_rank)
         torch.cuda.set_device(dev)
     configure_threads(0, dev, num_workers)
-    plan = _Plan(taxonomy, options, weights, ensemble_mode, tta_views, batch_size, num_workers, strict)
+    plan = _Plan(taxonomy, options, weights, ensemble_mode, tta_views, batch_size, num_workers, strict,
+                 features=embeddings is not None, records=fmt == "jsonl")
     base_key = run_key({"models": [_model_identity(c, card) for c, card in zip(ckpts, cards)], "rules": plan.key(),
                         "images": str(images_in.root.resolve())})
     store = PartStore(out)
@@ -237,6 +273,10 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     ood_score, unknown = (merged.ood_score, merged.unknown.astype(bool)) if options.ood else (None, None)
 
     n_filled = 0
+    priors = None
+    if options.priors is not None:
+        priors = {**_prior_counts(merged), "source": options.priors.source,
+                  "unknown_taxa": list(options.prior_shift.unknown_taxa)}
     if fmt == "kaggle":
         answers = np.full(len(images_in.rows), "", dtype=object)
         answers[common] = [taxonomy.names[n] for n in nodes]
@@ -252,15 +292,60 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
             n_filled = len(missing)
         frame = pd.DataFrame({"annotation_id": ids, "concept_name": answers})
         check_kaggle_submission(frame, ids, allowed)
-    else:
+    elif fmt == "csv":
         frame = _decisions_table(images_in, common, nodes, merged.confidence, merged.expected_distance, taxonomy,
-                                 ood_score, unknown)
+                                 ood_score, unknown, merged.raw_nodes if options.priors is not None else None,
+                                 merged.prior_applied)
+    identity = ModelIdentity.of(ckpts, cards) if fmt == "dwc" or embeddings is not None else None
+    if fmt == "dwc":
+        provenance = Provenance(identity, options, plan.rules_key(), datetime.fromtimestamp(start, timezone.utc),
+                                ensemble_mode, views)
+        frame = dwc_table(images_in.rows, merged, taxonomy, provenance)
+    if embeddings is not None:  # before `out`: a finished `out` means every file of the run is there
+        with atomic_path(embeddings) as tmp:
+            write_embeddings(tmp, images_in.rows, merged, identity, views)
     with atomic_path(out) as tmp:
-        frame.to_csv(tmp, index=False)
+        if fmt == "jsonl":
+            write_jsonl(tmp, images_in.rows, merged)
+        else:
+            frame.to_csv(tmp, index=False)
     store.remove()
+    dims = tuple(int(d) for d in merged.feature_dims[0]) if embeddings is not None else ()
     return PredictSummary(out, len(images_in.rows), len(common), skipped,
                           None if unknown is None else int(unknown.sum()), n_filled, time.time() - start,
-                          decision_name, ckpts, views, fmt, n_chunks, n_resumed_all, shard.world, 0, engines)
+                          decision_name, ckpts, views, fmt, n_chunks, n_resumed_all, shard.world, 0, engines,
+                          priors=priors, embeddings=embeddings, embedding_dims=dims)
+
+
+def prior_summary(counts: dict, n: int) -> str:
+    """One line on what the context priors did (`counts` from `_prior_counts`)."""
+    line = (f"priors {counts['source']}: applied to {counts['applied']} of {n} images, changing "
+            f"{counts['changed']} answers (raw_prediction keeps the answer without them)")
+    if counts["conflicts"]:
+        line += (f"; {counts['conflicts']} image(s) left unchanged because their context's keys block every label "
+                 "together")
+    if counts["unknown_taxa"]:
+        names = counts["unknown_taxa"]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        line += f"; ignored {len(names)} taxa the model does not know: {', '.join(names[:3])}{more}"
+    return line
+
+
+def _prior_counts(merged: ChunkResult) -> dict:
+    from taxonomist.decide.priors import APPLIED, CONFLICT
+
+    return {"applied": int((merged.prior_applied == APPLIED).sum()),
+            "conflicts": int((merged.prior_applied == CONFLICT).sum()),
+            "changed": int((merged.raw_nodes != merged.nodes).sum())}
+
+
+def _check_contexts(options: DecisionOptions, images_in: ImageInput) -> None:
+    """--priors needs the images' `context` column (checked before any model runs)."""
+    if options.priors is not None and "context" not in images_in.rows.columns:
+        what = {"csv": "the images CSV", "dataset": "the dataset's annotations.csv"}.get(images_in.kind)
+        where = f"{images_in.source}: {what} has" if what else f"{images_in.source}: a folder of images has"
+        raise DataError(f"{where} no 'context' column; --priors applies to each image's context (e.g. "
+                        "region=Monterey;depth=200-400): give a CSV with the columns path,context")
 
 
 def _options(options: DecisionOptions | None, keywords: dict) -> DecisionOptions:
@@ -290,6 +375,8 @@ class _Plan:
     batch_size: int
     num_workers: int
     strict: bool = False     # fail on the first unreadable image; changes no answer, so not part of the key
+    features: bool = False   # the parts store the pooled features (--embeddings)
+    records: bool = False    # the parts store each answer's JSON record (--format jsonl)
 
     def key(self) -> dict:
         """What a part file's key covers (the batch size too: it can move float results in the last digit)."""
@@ -300,7 +387,13 @@ class _Plan:
                 "ensemble_mode": self.ensemble_mode, "ood": o.ood, "ood_threshold": o.ood_threshold,
                 "ood_tpr": o.ood_tpr, "fallback": repr(o.ood_fallback if o.ood else None),
                 "tta": [v.name for v in self.tta_views] if self.tta_views else None, "tta_mode": o.tta_mode,
-                "batch_size": self.batch_size, "top_k": o.top_k}
+                "batch_size": self.batch_size, "top_k": o.top_k, "features": self.features, "records": self.records,
+                # the models' label priors are in their cards, which the key covers too
+                "priors": None if o.priors is None else [o.priors.digest, o.prior_strength, o.prior_floor]}
+
+    def rules_key(self) -> dict:
+        """What decides an answer besides the models and the image (`key` less what only changes the parts)."""
+        return {k: v for k, v in self.key().items() if k not in ("batch_size", "features", "records")}
 
 
 def _model_identity(path: Path, card: ModelCard) -> dict:
@@ -321,8 +414,9 @@ def _check_trusted(ckpts: list[Path], cards: list[ModelCard], trust_code: bool) 
             check_backbone_trusted(card.model_config.get("backbone"), metadata_path(ckpt), trust_code)
 
 
-def _refuse_out_over_inputs(out, ckpts: list[Path], images_in: ImageInput, candidates) -> None:
-    """`out` must be none of the files predict reads: refused by resolved path (or as the same file)."""
+def _refuse_out_over_inputs(out, ckpts: list[Path], images_in: ImageInput, candidates, option: str = "--out") -> None:
+    """`out` (the file of `option`) must be none of the files predict reads: refused by resolved path (or as the same
+    file)."""
     from taxonomist.inference.model_file import model_file_parts
     from taxonomist.utils.files import refuse_output_over_inputs
 
@@ -334,14 +428,14 @@ def _refuse_out_over_inputs(out, ckpts: list[Path], images_in: ImageInput, candi
         inputs.append((Path(candidates), "the candidates file"))
     for ckpt in ckpts:
         inputs += model_file_parts(ckpt)
-    refuse_output_over_inputs(out, inputs)
+    refuse_output_over_inputs(out, inputs, option)
     # an image among the inputs (a folder, or the rows of a CSV or dataset)
     try:
         relative = Path(out).expanduser().resolve().relative_to(images_in.root.resolve()).as_posix()
     except ValueError:
         return
     if relative in set(images_in.rows["path"].astype(str)):
-        refuse_output_over_inputs(out, [(images_in.root / relative, "one of the images")])
+        refuse_output_over_inputs(out, [(images_in.root / relative, "one of the images")], option)
 
 
 def _predict_chunks(ckpts: list[Path], images_in: ImageInput, mine: list, store: PartStore, base_key: str,
@@ -405,12 +499,19 @@ def _predict_chunk(members: list[Member], chunk: ImageInput, offset: int, plan: 
     if scorers is not None:
         score, threshold = ood_scores(options, scorers, members, aligned, chunk, common, dev, plan.batch_size,
                                       plan.num_workers, plan.strict)
-    answers = answer(probs, plan.taxonomy, options, score, threshold)
+    contexts = chunk.rows["context"].to_numpy()[common] if options.priors is not None else None
+    answers = answer(probs, plan.taxonomy, options, score, threshold, contexts=contexts)
     ood_score = empty_f if answers.ood_score is None else answers.ood_score
     unknown = np.zeros(0, dtype=bool) if answers.unknown is None else answers.unknown
+    priors = {}
+    if answers.raw_nodes is not None:
+        status = np.where(answers.prior_conflict, -1, answers.prior_applied.astype(np.int8)).astype(np.int8)
+        priors = {"raw_nodes": answers.raw_nodes.astype(np.int64), "prior_applied": status}
+    stored = chunk_outputs(answers, [m.features for m in aligned], threshold, plan.taxonomy, options, contexts,
+                           features=plan.features, records=plan.records)
     return ChunkResult(offset + common.astype(np.int64), answers.nodes.astype(np.int64),
                        answers.confidence.astype(np.float64), answers.expected_distance.astype(np.float64),
-                       ood_score, unknown, skipped_positions, skipped_reasons)
+                       ood_score, unknown, skipped_positions, skipped_reasons, **priors, **stored)
 
 
 def _read_part(store: PartStore, chunk: int, base_key: str, images_in: ImageInput, chunk_size: int) -> ChunkResult:
@@ -424,8 +525,10 @@ def _read_part(store: PartStore, chunk: int, base_key: str, images_in: ImageInpu
 
 
 def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarray, confidence: np.ndarray,
-                     exp_dist: np.ndarray, taxonomy: Taxonomy, ood_score, unknown) -> pd.DataFrame:
-    """The csv output: path, prediction, confidence, levels, expected distance, OOD columns, input columns."""
+                     exp_dist: np.ndarray, taxonomy: Taxonomy, ood_score, unknown, raw_nodes=None,
+                     prior_status=None) -> pd.DataFrame:
+    """The csv output: path, prediction, confidence, levels, expected distance, OOD columns, with priors the raw
+    answer and whether they applied, then the input columns."""
     frame = pd.DataFrame({"path": images_in.rows["path"].to_numpy()[common],
                           "prediction": [taxonomy.names[n] for n in nodes],
                           "confidence": np.round(confidence, 6)})
@@ -437,6 +540,9 @@ def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarra
         # unrounded: ODIN's scores (max softmax at T = 1000) differ in the 7th decimal
         frame["ood_score"] = np.asarray(ood_score, dtype=np.float64)
         frame["unknown"] = unknown.astype(bool)
+    if raw_nodes is not None:
+        frame["raw_prediction"] = [taxonomy.names[n] for n in raw_nodes]
+        frame["prior_applied"] = np.asarray(prior_status) == 1
     for col in images_in.rows.columns:
         if col != "path":
             frame[col if col not in frame.columns else f"{col}_input"] = images_in.rows[col].to_numpy()[common]

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -43,11 +43,26 @@ class ChunkResult:
     unknown: np.ndarray              # (n,) flagged unknown, or (0,) without --ood
     skipped_positions: np.ndarray    # (k,) rows left out (unreadable, or not answered by every member)
     skipped_reasons: np.ndarray      # (k,) why
+    raw_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) without the priors
+    prior_applied: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))  # (n,) priors status
+    # what the output formats need beyond the decisions (`inference.formats`):
+    # (n,) the OOD threshold each score was compared with, or (0,) without --ood
+    ood_threshold: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # (n, F) the members' pooled features side by side and (n, members) their widths (--embeddings), else (0, 0)
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    feature_dims: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    # (n,) each answer as a JSON object (--format jsonl), else (0,)
+    records: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
 
     @classmethod
     def concat(cls, parts: Sequence["ChunkResult"]) -> "ChunkResult":
-        """The results of consecutive chunks as one (positions stay absolute and ascending)."""
-        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+        """The results of consecutive chunks as one (positions stay absolute and ascending). A chunk without answered
+        rows adds nothing, whatever the shape of its empty arrays (features are (0, 0) where no model ran)."""
+        def joined(name: str) -> np.ndarray:
+            arrays = [getattr(p, name) for p in parts]
+            filled = [a for a in arrays if len(a)]
+            return np.concatenate(filled) if filled else arrays[0]
+        return cls(*(joined(f.name) for f in fields(cls)))
 
 
 @dataclass(frozen=True)
