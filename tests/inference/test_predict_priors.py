@@ -12,7 +12,7 @@ import torch
 from taxonomist.cli.main import main
 from taxonomist.decide import ContextPriors, DecisionOptions, answer
 from taxonomist.errors import DataError
-from taxonomist.evaluate.run import evaluate_run
+from taxonomist.evaluate.run import evaluate_run, run_decision_options
 from taxonomist.inference import predict
 from taxonomist.inference.model_file import read_card
 
@@ -119,8 +119,9 @@ def test_evaluate_reports_the_figures_without_the_priors(tiny_run, tiny_data, tm
     ann.to_csv(data / "annotations.csv", index=False)
     card = read_card(tiny_run)
     priors = priors_file(tmp_path, list(card.taxonomy.labels))   # every label: the floor is moot
+    options = run_decision_options(tiny_run, decision="min-risk", priors=priors)
     ev = evaluate_run(tiny_run, data=data, out=tmp_path / "ev", device="cpu", num_workers=0, progress=False,
-                      decision="min-risk", priors=priors)
+                      options=options)
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["priors"]["applied"] == m["n"] and m["priors"]["unknown_taxa"] == ["Nemo"]
     assert set(m["priors"]["without"]) == {"mhd", "top1", "macro_f1"}

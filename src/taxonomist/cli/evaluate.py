@@ -74,7 +74,7 @@ def run(args) -> int:
     from taxonomist.decide import parse_thresholds
     from taxonomist.deploy.hub import is_hub_source, resolve_model_source
     from taxonomist.errors import ConfigError
-    from taxonomist.evaluate.run import evaluate_run
+    from taxonomist.evaluate.run import evaluate_run, run_decision_options
 
     if args.out is None and is_hub_source(args.run):
         raise ConfigError(f"{args.run}: a Hub model has no run directory to write into (its folder is the download "
@@ -84,13 +84,16 @@ def run(args) -> int:
     if args.critical and not args.no_report:
         _check_critical(args.run, args.critical)  # before minutes of inference, not after
     replaced = args.out is None and _earlier_evaluation(args.run)
+    # the run's decide config with the flags given in its place; the priors file is read and checked here, before
+    # minutes of inference
+    options = run_decision_options(args.run, decision=args.decision, candidates=args.candidates,
+                                   thresholds=parse_thresholds(args.thresholds), top_k=args.top_k, tta=args.tta,
+                                   tta_mode=args.tta_mode, priors=args.priors,
+                                   prior_strength=args.prior_strength, prior_floor=args.prior_floor)
     ev = evaluate_run(args.run, data=args.data, split=args.split, out=args.out, device=args.device,
                       batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
-                      decision=args.decision, candidates=args.candidates,
-                      thresholds=parse_thresholds(args.thresholds), model_ood=args.model_ood,
-                      ensemble=args.ensemble, trust_code=args.trust_code, top_k=args.top_k, tta=args.tta,
-                      tta_mode=args.tta_mode, priors=args.priors, prior_strength=args.prior_strength,
-                      prior_floor=args.prior_floor)
+                      model_ood=args.model_ood, ensemble=args.ensemble, trust_code=args.trust_code,
+                      options=options)
     from taxonomist.pipeline import record_step_done, run_step
     record_step_done(ev.out_dir, "evaluate")  # a run whose evaluation had failed is whole again
     print(ev.summary())

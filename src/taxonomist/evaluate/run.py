@@ -74,6 +74,28 @@ def rows_for_split(dataset, run_dir: Path | None, split: str):
     raise DataError(f"{dataset.root}: no rows with split {split!r}")
 
 
+def _run_of(ckpt: Path) -> tuple[Path | None, Config | None]:
+    """The run directory of a checkpoint and its config, when it has them."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    cfg_file = run_dir / "config.yaml" if run_dir else None
+    return run_dir, (load_config(cfg_file) if cfg_file and cfg_file.is_file() else None)
+
+
+def run_decision_options(run_or_checkpoint: str | Path, **given) -> DecisionOptions:
+    """The decision `evaluate` applies to a model: its run's `decide` config (the defaults for a model without a
+    run directory), with the `given` `DecisionOptions` fields that are not None in place of its values
+    (`DecisionOptions.from_config`).
+
+    >>> run_decision_options("runs/first", decision="min-risk", priors="priors.csv")   # doctest: +SKIP
+    """
+    from taxonomist.inference.model_file import read_card, resolve_model
+
+    ckpt = resolve_model(run_or_checkpoint)
+    _, run_cfg = _run_of(ckpt)
+    dcfg = run_cfg.decide if run_cfg is not None else Config().decide
+    return DecisionOptions.from_config(dcfg, read_card(ckpt).taxonomy.has_ranks, **given)
+
+
 def _open_dataset(root: str | Path, taxonomy: Taxonomy) -> Dataset:
     """The dataset under the model's taxonomy. Not `load_dataset`: the `ood` rows name taxa the model's
     taxonomy may lack, and only the evaluated split has to be known (checked by the caller)."""
@@ -181,16 +203,18 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                  model_ood_options: Mapping[str, dict] | None = None,
                  ensemble: Sequence[str | Path] = (), trust_code: bool = False,
                  top_k: int | None = None, tta=None, tta_mode: str | None = None,
-                 options: DecisionOptions | None = None, priors=None, prior_strength: float | None = None,
-                 prior_floor: float | None = None) -> Evaluation:
+                 options: DecisionOptions | None = None) -> Evaluation:
     """Run a model — a run directory (its best checkpoint), a checkpoint or an exported `.onnx` file — over `split`
     of the dataset and write metrics.json + predictions.csv into `out` (default: the run directory, else the
     model's folder). `split` falls back to the validation rows when the dataset has no test split.
 
     Args:
-        options: how the answers are decided (`decide.DecisionOptions`: rule, candidates, thresholds, top-k, TTA);
-            default: the run's `decide` config (`DecisionOptions.from_config`). Its OOD fields are not used:
-            every OOD score the model has is evaluated (below).
+        options: how the answers are decided (`decide.DecisionOptions`: rule, candidates, thresholds, top-k, TTA,
+            context priors); default: the run's `decide` config (`run_decision_options`). Its OOD fields are not
+            used: every OOD score the model has is evaluated (below). With `priors` (`predict --priors`'s table,
+            `decide.priors`), the dataset's `context` column shifts the probabilities before the rule;
+            metrics.json gets `priors` with the answers' figures without them, predictions.csv
+            `raw_prediction`.
         decision, candidates, thresholds, top_k, tta, tta_mode: single options given in place of those of
             `options` (or of the run's config): the rule (`argmax`, `min-risk`, `backoff`, `selective`, `rollup`,
             `common-ancestor`), its candidate set (`candidate_nodes` spec), thresholds, rollup's and
@@ -198,9 +222,6 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
             such as `rot2+flip` or `d4`, True for `DEFAULT_TTA`: the views' calibrated probabilities merged per
             image, on the evaluated split and the `ood` rows; OOD scores read the views' mean features and raw
             logits).
-        priors, prior_strength, prior_floor: context priors as `predict --priors` applies them (a
-            `context,taxon,weight` CSV, `decide.priors`), to the dataset's `context` column; metrics.json gets
-            `priors` with the answers' figures without them, predictions.csv `raw_prediction`.
         ood_scorers: fitted `OODScorer`s by method; default: those stored beside the model
             (`best.ood.safetensors`). With scorers and `ood` rows in the dataset, metrics.json gets `ood`.
         model_ood: OOD scores that need the model (`odin`, `mc-dropout`; `inference.ood_model`; PyTorch
@@ -216,7 +237,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     evaluate reads (the dataset folder, a model file, the candidates file): refused before the model runs.
     """
     from taxonomist.inference.forward import run_inference
-    from taxonomist.inference.model_file import is_onnx, load_model, read_card, resolve_model
+    from taxonomist.inference.model_file import is_onnx, load_model, resolve_model
     from taxonomist.inference.ood_model import check_model_ood
     from taxonomist.inference.run_model import rows_loader
     from taxonomist.inference.tta import run_inference_tta, views_for
@@ -227,15 +248,11 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     if model_ood and is_onnx(ckpt):
         raise ConfigError(f"{ckpt}: --model-ood {' '.join(model_ood)} runs the PyTorch model again; an exported "
                           "ONNX model cannot: give its .safetensors checkpoint")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    cfg_file = run_dir / "config.yaml" if run_dir else None
-    run_cfg = load_config(cfg_file) if cfg_file and cfg_file.is_file() else None
-    card = read_card(ckpt)
+    run_dir, run_cfg = _run_of(ckpt)
     given = dict(decision=decision, candidates=candidates, thresholds=thresholds, top_k=top_k, tta=tta,
-                 tta_mode=tta_mode, priors=priors, prior_strength=prior_strength, prior_floor=prior_floor)
+                 tta_mode=tta_mode)
     if options is None:
-        dcfg = run_cfg.decide if run_cfg is not None else Config().decide
-        options = DecisionOptions.from_config(dcfg, card.taxonomy.has_ranks, **given)
+        options = run_decision_options(ckpt, **given)
     elif any(v is not None for v in given.values()):
         options = options.replace(**{k: v for k, v in given.items() if v is not None})
     tta_views = views_for(options.tta)

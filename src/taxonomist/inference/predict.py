@@ -181,8 +181,6 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     Returns a `PredictSummary` (on ranks other than 0, of that rank's chunks). The outputs are written atomically,
     once every chunk is done.
     """
-    from taxonomist.inference.model_file import read_card, resolve_model
-    from taxonomist.inference.onnx_model import choose_engine
     from taxonomist.inference.tta import views_for
     from taxonomist.runtime import configure_threads, select_device
 
@@ -199,24 +197,8 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
     for value, what in ((batch_size, "batch size"), (chunk_size, "chunk size")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-    paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
-    if not paths:
-        raise ConfigError("no checkpoint given")
-    ckpts = [resolve_model(p) for p in paths]
-    if weights is not None and len(weights) != len(ckpts):
-        raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
-    check_ood_members(options, ckpts)
-    for ckpt in ckpts:  # an engine that cannot run the options is refused now (the device cannot change that)
-        choose_engine(engine, ckpt, "cpu", options.needs_torch)
-    cards = [read_card(ckpt) for ckpt in ckpts]
-    _check_trusted(ckpts, cards, trust_code)  # refused now, before the images are read or OUT.parts/ is made
+    ckpts, cards = _models(checkpoints, options, weights, engine, trust_code)
     taxonomy = cards[0].taxonomy
-    for ckpt, card in zip(ckpts[1:], cards[1:]):
-        if list(card.labels) != list(cards[0].labels):
-            raise ModelError(f"{ckpt}: its {len(card.labels)} labels differ from those of {ckpts[0]} "
-                             f"({len(cards[0].labels)} labels); ensemble members must share one label list")
-        if card.taxonomy.hash != taxonomy.hash:
-            raise ModelError(f"{ckpt}: its taxonomy differs from that of {ckpts[0]}; ensemble members must share one")
     spec = options.candidates
     if spec is None and fmt == "kaggle":
         options = options.replace(candidates="")  # a submission may only name labels the scorer knows
@@ -269,35 +251,18 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
         path, reason = skipped[0]
         raise DataError(f"{images_in.source}: no image could be read ({len(skipped)} unreadable; the first: "
                         f"{path}: {reason})")
-    nodes = merged.nodes
-    ood_score, unknown = (merged.ood_score, merged.unknown.astype(bool)) if options.ood else (None, None)
-
-    n_filled = 0
+    unknown = merged.unknown.astype(bool) if options.ood else None
     priors = None
     if options.priors is not None:
         priors = {**_prior_counts(merged), "source": options.priors.source,
                   "unknown_taxa": list(options.prior_shift.unknown_taxa)}
-    if fmt == "kaggle":
-        answers = np.full(len(images_in.rows), "", dtype=object)
-        answers[common] = [taxonomy.names[n] for n in nodes]
-        allowed = list(options.candidates) if options.candidates is not None else list(taxonomy.labels)
-        if skipped:
-            if not fill_unreadable:
-                path, reason = skipped[0]
-                raise DataError(f"{images_in.root / path}: {reason}; --format kaggle needs an answer for every "
-                                f"annotation ({len(skipped)} unreadable image(s)); fix them or pass "
-                                "--fill-unreadable")
-            missing = np.setdiff1d(np.arange(len(images_in.rows)), common)
-            answers[missing] = fill_answer(taxonomy, options.metric, allowed)
-            n_filled = len(missing)
-        frame = pd.DataFrame({"annotation_id": ids, "concept_name": answers})
-        check_kaggle_submission(frame, ids, allowed)
-    elif fmt == "csv":
-        frame = _decisions_table(images_in, common, nodes, merged.confidence, merged.expected_distance, taxonomy,
-                                 ood_score, unknown, merged.raw_nodes if options.priors is not None else None,
-                                 merged.prior_applied)
     identity = ModelIdentity.of(ckpts, cards) if fmt == "dwc" or embeddings is not None else None
-    if fmt == "dwc":
+    n_filled = 0
+    if fmt == "kaggle":
+        frame, n_filled = _kaggle_table(images_in, merged, skipped, plan, ids, fill_unreadable)
+    elif fmt == "csv":
+        frame = _decisions_table(images_in, merged, taxonomy, options)
+    elif fmt == "dwc":
         provenance = Provenance(identity, options, plan.rules_key(), datetime.fromtimestamp(start, timezone.utc),
                                 ensemble_mode, views)
         frame = dwc_table(images_in.rows, merged, taxonomy, provenance)
@@ -315,6 +280,54 @@ def predict(checkpoints: Sequence[str | Path] | str | Path, images: str | Path, 
                           None if unknown is None else int(unknown.sum()), n_filled, time.time() - start,
                           decision_name, ckpts, views, fmt, n_chunks, n_resumed_all, shard.world, 0, engines,
                           priors=priors, embeddings=embeddings, embedding_dims=dims)
+
+
+def _models(checkpoints, options: DecisionOptions, weights, engine: str,
+            trust_code: bool) -> tuple[list[Path], list[ModelCard]]:
+    """The model files resolved and their cards read, checked as the members of one prediction before any image
+    is read: one weight each, an engine that can run the options, trusted code, shared labels and taxonomy."""
+    from taxonomist.inference.model_file import read_card, resolve_model
+    from taxonomist.inference.onnx_model import choose_engine
+
+    paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if not paths:
+        raise ConfigError("no checkpoint given")
+    ckpts = [resolve_model(p) for p in paths]
+    if weights is not None and len(weights) != len(ckpts):
+        raise ConfigError(f"{len(weights)} weights for {len(ckpts)} checkpoints; give one weight per checkpoint")
+    check_ood_members(options, ckpts)
+    for ckpt in ckpts:  # an engine that cannot run the options is refused now (the device cannot change that)
+        choose_engine(engine, ckpt, "cpu", options.needs_torch)
+    cards = [read_card(ckpt) for ckpt in ckpts]
+    _check_trusted(ckpts, cards, trust_code)  # refused now, before the images are read or OUT.parts/ is made
+    for ckpt, card in zip(ckpts[1:], cards[1:]):
+        if list(card.labels) != list(cards[0].labels):
+            raise ModelError(f"{ckpt}: its {len(card.labels)} labels differ from those of {ckpts[0]} "
+                             f"({len(cards[0].labels)} labels); ensemble members must share one label list")
+        if card.taxonomy.hash != cards[0].taxonomy.hash:
+            raise ModelError(f"{ckpt}: its taxonomy differs from that of {ckpts[0]}; ensemble members must share one")
+    return ckpts, cards
+
+
+def _kaggle_table(images_in: ImageInput, merged: ChunkResult, skipped: list, plan: _Plan, ids,
+                  fill_unreadable: bool) -> tuple[pd.DataFrame, int]:
+    """`annotation_id,concept_name` for every input row, validated; and how many unreadable rows were filled."""
+    taxonomy, options = plan.taxonomy, plan.options
+    answers = np.full(len(images_in.rows), "", dtype=object)
+    answers[merged.positions] = [taxonomy.names[n] for n in merged.nodes]
+    allowed = list(options.candidates) if options.candidates is not None else list(taxonomy.labels)
+    n_filled = 0
+    if skipped:
+        if not fill_unreadable:
+            path, reason = skipped[0]
+            raise DataError(f"{images_in.root / path}: {reason}; --format kaggle needs an answer for every "
+                            f"annotation ({len(skipped)} unreadable image(s)); fix them or pass --fill-unreadable")
+        missing = np.setdiff1d(np.arange(len(images_in.rows)), merged.positions)
+        answers[missing] = fill_answer(taxonomy, options.metric, allowed)
+        n_filled = len(missing)
+    frame = pd.DataFrame({"annotation_id": ids, "concept_name": answers})
+    check_kaggle_submission(frame, ids, allowed)
+    return frame, n_filled
 
 
 def prior_summary(counts: dict, n: int) -> str:
@@ -524,25 +537,25 @@ def _read_part(store: PartStore, chunk: int, base_key: str, images_in: ImageInpu
     return part
 
 
-def _decisions_table(images_in: ImageInput, common: np.ndarray, nodes: np.ndarray, confidence: np.ndarray,
-                     exp_dist: np.ndarray, taxonomy: Taxonomy, ood_score, unknown, raw_nodes=None,
-                     prior_status=None) -> pd.DataFrame:
+def _decisions_table(images_in: ImageInput, merged: ChunkResult, taxonomy: Taxonomy,
+                     options: DecisionOptions) -> pd.DataFrame:
     """The csv output: path, prediction, confidence, levels, expected distance, OOD columns, with priors the raw
     answer and whether they applied, then the input columns."""
+    common, nodes = merged.positions, merged.nodes
     frame = pd.DataFrame({"path": images_in.rows["path"].to_numpy()[common],
                           "prediction": [taxonomy.names[n] for n in nodes],
-                          "confidence": np.round(confidence, 6)})
+                          "confidence": np.round(merged.confidence, 6)})
     blank = np.array([*taxonomy.names, ""], dtype=object)  # index -1 → ""
     for name, idx in answer_levels(taxonomy, nodes).items():
         frame[name] = blank[idx].tolist()
-    frame["expected_distance"] = np.round(exp_dist, 6)
-    if ood_score is not None:
+    frame["expected_distance"] = np.round(merged.expected_distance, 6)
+    if options.ood:
         # unrounded: ODIN's scores (max softmax at T = 1000) differ in the 7th decimal
-        frame["ood_score"] = np.asarray(ood_score, dtype=np.float64)
-        frame["unknown"] = unknown.astype(bool)
-    if raw_nodes is not None:
-        frame["raw_prediction"] = [taxonomy.names[n] for n in raw_nodes]
-        frame["prior_applied"] = np.asarray(prior_status) == 1
+        frame["ood_score"] = np.asarray(merged.ood_score, dtype=np.float64)
+        frame["unknown"] = merged.unknown.astype(bool)
+    if options.priors is not None:
+        frame["raw_prediction"] = [taxonomy.names[n] for n in merged.raw_nodes]
+        frame["prior_applied"] = np.asarray(merged.prior_applied) == 1
     for col in images_in.rows.columns:
         if col != "path":
             frame[col if col not in frame.columns else f"{col}_input"] = images_in.rows[col].to_numpy()[common]
