@@ -303,3 +303,47 @@ def test_page_draws_a_box_on_a_frame_and_identifies_the_organism(served_two_stre
         assert all(u.startswith((base + "/", "blob:", "data:")) for u in urls), urls
     finally:
         tools.close()
+
+
+# ---------------------------------------------------------------------------------------------- context priors
+def test_page_sends_the_context_and_shows_the_answer_without_the_priors(served_run, tmp_path):
+    """Started with --priors, the page offers the file's contexts, sends the typed one with each image, and says
+    what the answer would be without it — the same answers the API gives for that context."""
+    import httpx
+
+    from taxonomist.inference.model_file import read_card
+
+    run, data = served_run
+    taxonomy = read_card(run).taxonomy
+    leaf = [name for name in taxonomy.labels if not taxonomy.descendants(name)][0]
+    priors = tmp_path / "priors.csv"
+    priors.write_text(f"context,taxon,weight\nsite=A,{leaf},1\n")
+    port = free_port()
+    proc = start_server(run, port, "--priors", str(priors), "--prior-floor", "0")
+    base = f"http://127.0.0.1:{port}"
+    tools = DevTools(tmp_path / "profile")
+    try:
+        images = sorted((data / "images").rglob("*.jpg"))[:2]
+        expected = httpx.post(f"{base}/predict", files=[("file", (p.name, p.read_bytes(), "image/jpeg"))
+                                                          for p in images], data={"context": "site=A"},
+                              timeout=60).json()["predictions"]
+        session = open_page(tools, base + "/")
+        tools.wait_for(session, "!document.getElementById('context-line').hidden")
+        assert tools.evaluate(session, "Array.from(document.querySelectorAll('#contexts option')).map(o => o.value)"
+                              ) == ["site=A"]
+        tools.evaluate(session, "document.getElementById('context').value = 'site=A'")
+        upload(tools, session, images)
+        tools.wait_for(session, "document.querySelectorAll('.card.done').length === 2")
+        cards = tools.evaluate(session, """Array.from(document.querySelectorAll('.card.done')).map(c => ({
+            file: c.querySelector('.filename').textContent, decision: c.querySelector('.decision').textContent,
+            priors: c.querySelector('.priors').textContent}))""")
+        by_file = {c["file"]: c for c in cards}
+        for answer in expected:
+            card = by_file[answer["filename"]]
+            assert card["decision"] == answer["decision"] == leaf   # the only label site A allows
+            assert card["priors"].startswith("Reweighted by the context “site=A”.")
+            assert (answer["raw"]["decision"] in card["priors"]) or "the same" in card["priors"]
+    finally:
+        tools.close()
+        proc.terminate()
+        proc.wait(30)

@@ -31,6 +31,14 @@
       }
     }
     $("model").textContent = text;
+    if (h.priors) {   // started with --priors: the images' context reweights the answers
+      $("context-line").hidden = false;
+      var list = $("contexts");
+      h.priors.contexts.forEach(function (c) { var o = document.createElement("option"); o.value = c; list.appendChild(o); });
+      $("context-help").textContent = "The species lists of " + h.priors.file + " reweight the answers by where " +
+        "the images were taken (" + h.priors.contexts.length + " contexts; join several keys with ;). Leave it " +
+        "empty to identify from the images alone.";
+    }
     var use = $("use-box");
     use.checked = use.checked || inputs.bbox === "required";
     use.disabled = inputs.bbox === "required";
@@ -90,6 +98,14 @@
       var p = document.createElement("span"); p.className = "p"; p.textContent = pct(t.p);
       li.appendChild(name); li.appendChild(p); top.appendChild(li);
     });
+    if (a.priors) {
+      node.querySelector(".priors").textContent = !a.priors.applied ?
+        "Context " + (a.priors.context ? "“" + a.priors.context + "” is not in the priors file" : "not given") +
+        ": identified from the image alone." :
+        "Reweighted by the context “" + a.priors.context + "”. " + (a.raw.decision === a.decision ?
+          "Without it the answer is the same." :
+          "Without it: " + a.raw.decision + " (" + pct(a.raw.confidence) + ").");
+    }
     if (a.ood) {
       node.querySelector(".unknown").hidden = !a.ood.unknown;
       // scores live on very different scales (ODIN near −1/L, Mahalanobis in the millions): 4 significant digits
@@ -104,6 +120,8 @@
     var form = new FormData();
     form.append("file", job.file, job.file.name);
     if (job.box) { form.append("bbox", Box.format(job.box)); }
+    var context = $("context").value.trim();
+    if (!$("context-line").hidden && context) { form.append("context", context); }
     running += 1;
     fetch("/predict", { method: "POST", body: form, headers: headers() }).then(function (r) {
       return r.json().catch(function () { return { error: "HTTP " + r.status }; }).then(function (body) {
