@@ -90,7 +90,7 @@ class PredictSummary:
         if self.n_unknown is not None:
             lines.append(f"{self.n_unknown} image(s) flagged unknown by the OOD score")
         if self.priors is not None:
-            lines.append(prior_summary(self.priors, self.n_predicted))
+            lines.append(prior_summary(self.priors, self.n_predicted, self.fmt))
         if self.skipped:
             shown = "; ".join(f"{p} ({r})" for p, r in self.skipped[:3])
             more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
@@ -330,10 +330,16 @@ def _kaggle_table(images_in: ImageInput, merged: ChunkResult, skipped: list, pla
     return frame, n_filled
 
 
-def prior_summary(counts: dict, n: int) -> str:
+#: Where each output format keeps the answers without the context priors.
+_RAW_ANSWER = {"csv": "raw_prediction keeps the answer without them", "jsonl": "raw holds the answer without them",
+               "dwc": "identificationRemarks names the answer without them",
+               "kaggle": "a submission holds the final answers only"}
+
+
+def prior_summary(counts: dict, n: int, fmt: str = "csv") -> str:
     """One line on what the context priors did (`counts` from `_prior_counts`)."""
     line = (f"priors {counts['source']}: applied to {counts['applied']} of {n} images, changing "
-            f"{counts['changed']} answers (raw_prediction keeps the answer without them)")
+            f"{counts['changed']} answers ({_RAW_ANSWER.get(fmt, _RAW_ANSWER['csv'])})")
     if counts["conflicts"]:
         line += (f"; {counts['conflicts']} image(s) left unchanged because their context's keys block every label "
                  "together")
