@@ -160,3 +160,17 @@ def test_priors_table_in_code(tiny_run, sites, tmp_path):
     frame = pd.read_csv(predict(tiny_run, csv, tmp_path / "p.csv", DecisionOptions(priors=table, prior_floor=0),
                                 **FAST).out, keep_default_na=False)
     assert set(frame.loc[frame["context"] == "site=B", "prediction"]) == {leaf}
+
+
+def test_evaluate_needs_a_context_column_and_reads_the_table_first(tiny_run, tiny_data, tmp_path, capsys):
+    priors = priors_file(tmp_path, ["x"])
+    options = run_decision_options(tiny_run, priors=priors)
+    with pytest.raises(DataError, match="annotations.csv: no 'context' column; --priors applies to each example"):
+        evaluate_run(tiny_run, data=tiny_data, out=tmp_path / "ev", device="cpu", num_workers=0, progress=False,
+                     options=options)
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("context,taxon\nsite=A,x\n")
+    assert main(["evaluate", str(tiny_run), "--data", str(tiny_data), "--out", str(tmp_path / "ev2"),
+                 "--priors", str(bad)]) != 0
+    assert "bad.csv: no column 'weight'" in capsys.readouterr().err
