@@ -155,7 +155,6 @@ def download_hub_model(spec: HubSpec) -> Path:
     spec: malformed, unknown repository or revision, not in the cache while offline, an incomplete snapshot."""
     from huggingface_hub import constants, errors, snapshot_download
     from huggingface_hub.errors import (
-        HfHubHTTPError,
         HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -190,9 +189,7 @@ def download_hub_model(spec: HubSpec) -> Path:
                          "online (or point HF_HUB_CACHE at a cache that holds it)") from None
     except HFValidationError as e:
         raise ConfigError(f"{where}: {_first_line(e)}") from None
-    except HfHubHTTPError as e:
-        raise DownloadError(f"{where}: the Hub answered {_first_line(e)}") from None
-    except Exception as e:
+    except Exception as e:  # the Hub's HTTP errors ("the Hub answered …") and the network's, else a bug
         cause = _transfer_failure(e)
         if cause is None:
             raise
@@ -365,7 +362,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                           f"publish commands for the wrong repository; export again with --repo-id {repo_id}")
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.errors import HFValidationError
 
     from taxonomist import __version__
 
@@ -389,11 +386,9 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 commit_message=commit_message or f"Upload taxonomist model ({config.get('model_name') or repo_id})")
     except HFValidationError as e:
         raise ConfigError(f"{repo_id}: {_first_line(e)}") from None
-    except HfHubHTTPError as e:
-        raise DownloadError(f"push to {repo_id}: the Hub answered {_first_line(e)}") from None
     except ValueError as e:  # README metadata the Hub refuses (`Invalid metadata in README.md`)
         raise ConfigError(f"push to {repo_id}: {_first_line(e)}") from None
-    except Exception as e:
+    except Exception as e:  # the Hub's HTTP errors ("the Hub answered …") and the network's, else a bug
         cause = _transfer_failure(e)
         if cause is None:
             raise
