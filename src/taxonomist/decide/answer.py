@@ -261,10 +261,10 @@ class DecisionOptions:
         out = dataclasses.replace(self, candidates=candidates, metric=metric, ood_fallback=fallback)
         out._put("resolved_for", taxonomy.hash)
         if self.priors is not None:
-            shift = self.priors.resolve(taxonomy, label_prior, self.prior_strength, self.prior_floor)
-            if label_prior is None and self.prior_shift is not None and self.resolved_for == taxonomy.hash:
-                shift = self.prior_shift   # keep the label prior a first resolve was given
-            out._put("prior_shift", shift)
+            # keep the shift (and the label prior) a first resolve for this taxonomy made
+            keep = label_prior is None and self.prior_shift is not None and self.resolved_for == taxonomy.hash
+            out._put("prior_shift", self.prior_shift if keep else
+                     self.priors.resolve(taxonomy, label_prior, self.prior_strength, self.prior_floor))
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -88,10 +88,15 @@ def run_decision_options(run_or_checkpoint: str | Path, **given) -> DecisionOpti
 
     >>> run_decision_options("runs/first", decision="min-risk", priors="priors.csv")   # doctest: +SKIP
     """
-    from taxonomist.inference.model_file import read_card, resolve_model
+    from taxonomist.inference.model_file import resolve_model
 
     ckpt = resolve_model(run_or_checkpoint)
-    _, run_cfg = _run_of(ckpt)
+    return _decision_options(ckpt, _run_of(ckpt)[1], given)
+
+
+def _decision_options(ckpt: Path, run_cfg: Config | None, given: dict) -> DecisionOptions:
+    from taxonomist.inference.model_file import read_card
+
     dcfg = run_cfg.decide if run_cfg is not None else Config().decide
     return DecisionOptions.from_config(dcfg, read_card(ckpt).taxonomy.has_ranks, **given)
 
@@ -252,7 +257,7 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     given = dict(decision=decision, candidates=candidates, thresholds=thresholds, top_k=top_k, tta=tta,
                  tta_mode=tta_mode)
     if options is None:
-        options = run_decision_options(ckpt, **given)
+        options = _decision_options(ckpt, run_cfg, given)  # the run's config, read once
     elif any(v is not None for v in given.values()):
         options = options.replace(**{k: v for k, v in given.items() if v is not None})
     tta_views = views_for(options.tta)
